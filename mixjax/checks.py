@@ -1,0 +1,103 @@
+"""Argument checks that raise clear errors, eagerly or (opt-in) under `jit`.
+
+Values known at trace time (Python numbers, concrete arrays, shapes, dtypes) are
+checked at once and raise `ValueError`. Values that are traced (e.g. a mixing
+coefficient computed inside a jitted function) cannot raise a Python error; they
+are checked only inside `traced_checks()`, through `jax.experimental.checkify`::
+
+    checked = checkify.checkify(jax.jit(fn))
+    with mixjax.checks.traced_checks():   # active while `fn` is traced
+      err, out = checked(...)
+    err.throw()   # raises JaxRuntimeError naming the argument
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+_TRACED = contextvars.ContextVar("mixjax_traced_checks", default=False)
+
+
+@contextlib.contextmanager
+def traced_checks() -> Iterator[None]:
+  """Within this block, checks on traced values emit `checkify.check`s.
+
+  Functions traced inside the block must be wrapped by `checkify.checkify`.
+  """
+  token = _TRACED.set(True)
+  try:
+    yield
+  finally:
+    _TRACED.reset(token)
+
+
+def is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_array(x: Any, predicate: Callable[[Any], Any], message: str) -> None:
+  """Raises `ValueError(message)` unless `predicate(x)` holds for every element.
+
+  `predicate` must work on NumPy and jax arrays alike. For traced `x` the check
+  is a `checkify.check` inside `traced_checks()`, and nothing otherwise.
+  """
+  if is_traced(x):
+    if _TRACED.get():
+      checkify.check(jnp.all(predicate(x)), message)
+    return
+  if not np.all(predicate(np.asarray(x))):
+    raise ValueError(message)
+
+
+def positive_number(name: str, value: Any, hint: str = "") -> float:
+  """Returns `value` as a float, or raises if it is not a finite number > 0."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number > 0, got {value!r}.{hint}") from None
+  if not math.isfinite(v) or v <= 0:
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.{hint}")
+  return v
+
+
+def in_unit_interval(name: str, x: Any) -> None:
+  """Checks that every element of `x` lies in [0, 1] and is not NaN."""
+  check_array(
+      x,
+      lambda v: (v >= 0) & (v <= 1),
+      f"{name} must lie in [0, 1] (and not be NaN).",
+  )
+
+
+def float_leaves(name: str, tree: Any) -> None:
+  """Raises if a leaf of `tree` is not floating point (e.g. uint8 images)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      where = jax.tree_util.keystr(path) or "(the array)"
+      raise ValueError(
+          f"{name}{where if where != '(the array)' else ''} has dtype {dtype}; "
+          "mixing needs floating-point values. Convert first, e.g. "
+          "`x.astype(jnp.float32) / 255.0` for uint8 images."
+      )
+
+
+def batch_size(name: str, tree: Any) -> int:
+  """The common leading dimension of all leaves of `tree`."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise ValueError(f"{name} is empty: expected arrays with a leading batch axis.")
+  sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+  if None in sizes:
+    raise ValueError(f"{name} has a scalar leaf; every leaf needs a leading batch axis.")
+  if len(sizes) != 1:
+    raise ValueError(f"{name} leaves have different batch sizes {sorted(sizes)}; they must agree.")
+  return sizes.pop()

@@ -1,0 +1,254 @@
+"""Mixing of pytrees, label targets and whole batches.
+
+`lam` is a scalar f32[] or per-example f32[B]; it broadcasts over every
+non-batch axis of every leaf. Arithmetic is in float32 and the result keeps the
+dtype of the inputs (bf16 stays bf16), so the op reads each input once and
+writes once: bandwidth-bound, and fused by XLA with the partner gather.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixjax import checks
+from mixjax import pairing as pairing_lib
+from mixjax import policies
+
+PyTree = Any
+
+
+def _check_lam(lam: Any, batch: int) -> jax.Array:
+  lam = jnp.asarray(lam, jnp.float32) if not checks.is_traced(lam) else lam.astype(jnp.float32)
+  if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
+    raise ValueError(
+        f"lam must be a scalar or a per-example vector f32[{batch}], got shape {lam.shape}.")
+  checks.in_unit_interval("lam", lam)
+  return lam
+
+
+def _mix_leaf(a: jax.Array, b: jax.Array, lam: jax.Array) -> jax.Array:
+  lam = lam.reshape(lam.shape + (1,) * (a.ndim - lam.ndim))
+  af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+  return (lam * af + (1.0 - lam) * bf).astype(a.dtype)
+
+
+def mix(a: PyTree, b: PyTree, lam: Any) -> PyTree:
+  """`lam * a + (1 - lam) * b` leaf by leaf.
+
+  Args:
+    a, b: pytrees of the same structure, float leaves with a common leading
+      batch axis B (images f[B, H, W, C], embeddings f[B, T, D], dicts ...).
+    lam: f32[] or f32[B], in [0, 1].
+  Returns:
+    A pytree like `a` (same shapes and dtypes).
+  """
+  checks.float_leaves("inputs", a)
+  batch = checks.batch_size("inputs", a)
+  if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+    raise ValueError("a and b must be pytrees of the same structure.")
+  lam = _check_lam(lam, batch)
+  return jax.tree_util.tree_map(lambda u, v: _mix_leaf(u, v, lam), a, b)
+
+
+def take(tree: PyTree, perm: jax.Array, *, mesh: Optional[Mesh] = None,
+         axis_name: str = "data") -> PyTree:
+  """Gathers `tree[perm]` along the batch axis of every leaf.
+
+  With `mesh`, `perm` must be shard-local (see `pair`) and the gather runs per shard.
+  """
+  gather = lambda t, p: jax.tree_util.tree_map(  # noqa: E731
+      lambda x: jnp.take(x, p, axis=0, mode="clip"), t)
+  if mesh is None:
+    return gather(tree, perm)
+  local = perm.shape[0] // _num_shards(mesh, axis_name, perm.shape[0])
+
+  def body(t, p):
+    return gather(t, p - jax.lax.axis_index(axis_name) * local)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(axis_name), P(axis_name)),
+                       out_specs=P(axis_name))(tree, perm)
+
+
+def mix_with_partner(tree: PyTree, perm: jax.Array, lam: Any, *, mesh: Optional[Mesh] = None,
+                     axis_name: str = "data") -> PyTree:
+  """`lam * tree + (1 - lam) * tree[perm]` (see `mix`).
+
+  With `mesh`, the batch axis is sharded over `mesh` axis `axis_name` and
+  `perm` must pair examples only inside each shard (`pairing.grouped` with one
+  group per shard); the op then runs in `shard_map` and moves no data between
+  devices.
+  """
+  checks.float_leaves("inputs", tree)
+  batch = checks.batch_size("inputs", tree)
+  perm = jnp.asarray(perm)
+  if perm.shape != (batch,):
+    raise ValueError(f"perm must be int[{batch}] (one partner per example), got {perm.shape}.")
+  lam = _check_lam(lam, batch)
+  if mesh is None:
+    return mix(tree, take(tree, perm), lam)
+  _num_shards(mesh, axis_name, batch)
+  spec = P(axis_name)
+
+  def body(t, p, l):  # Local shard: p holds global indices into this shard.
+    return mix(t, take(t, p - jax.lax.axis_index(axis_name) * p.shape[0]), l)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec if lam.ndim else P()),
+                       out_specs=spec)(tree, perm, _replicated(lam, mesh))
+
+
+def to_targets(labels: jax.Array, num_classes: Optional[int] = None,
+               label_smoothing: float = 0.0) -> jax.Array:
+  """Class ids int[B] or targets f[B, C] -> f32[B, C] targets, optionally smoothed.
+
+  Label smoothing: `t * (1 - s) + s / C`.
+  """
+  labels = jnp.asarray(labels) if not checks.is_traced(labels) else labels
+  if not 0.0 <= float(label_smoothing) < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+  if jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_:
+    if labels.ndim != 1:
+      raise ValueError(f"integer labels must be class ids int[B], got shape {labels.shape}.")
+    if num_classes is None:
+      raise ValueError("num_classes is required when labels are integer class ids.")
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  else:
+    if labels.ndim != 2:
+      raise ValueError(f"float labels must be targets f[B, C], got shape {labels.shape}.")
+    if num_classes is not None and labels.shape[1] != num_classes:
+      raise ValueError(f"labels have {labels.shape[1]} classes but num_classes={num_classes}.")
+    targets = labels.astype(jnp.float32)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
+  return targets
+
+
+def class_ids(labels: jax.Array) -> jax.Array:
+  """int32[B] class ids from class ids or (soft) targets f[B, C] (argmax)."""
+  labels = jnp.asarray(labels) if not checks.is_traced(labels) else labels
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    return labels.astype(jnp.int32)
+  return jnp.argmax(labels, axis=-1).astype(jnp.int32)
+
+
+class MixedBatch(NamedTuple):
+  """A mixed batch.
+
+  inputs: like the input pytree. targets: f32[B, C], `y*t_i + (1-y)*t_perm[i]`.
+  targets_a / targets_b: f32[B, C] targets of the example and of its partner.
+  coeffs: the `policies.Coefficients` used. perm: int32[B] partner indices.
+  """
+  inputs: PyTree
+  targets: jax.Array
+  targets_a: jax.Array
+  targets_b: jax.Array
+  coeffs: policies.Coefficients
+  perm: jax.Array
+
+
+def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
+              policy: policies.Policy,
+              pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
+              num_classes: Optional[int] = None, label_smoothing: float = 0.0,
+              mesh: Optional[Mesh] = None, axis_name: str = "data") -> MixedBatch:
+  """Draws coefficients and partners and mixes a batch.
+
+  Args:
+    key: PRNG key.
+    inputs: pytree of float arrays with leading batch axis B.
+    labels: int[B] class ids or f[B, C] (one-hot or soft) targets.
+    policy: e.g. `policies.mixup(1.0)`.
+    pairing: e.g. `pairing.random_permutation`.
+    num_classes: C, needed for integer labels.
+    label_smoothing: applied to the targets before mixing.
+    mesh, axis_name: with a mesh, the batch is taken as sharded over mesh axis
+      `axis_name`; pairing and mixing run inside each shard (`shard_map`), shard
+      `g` pairing with key `fold_in(key_pair, g)`: equal to the single-device
+      result with `pairing.grouped(pairing, num_shards)`, and no example moves
+      between devices.
+  Returns:
+    A `MixedBatch`.
+  """
+  checks.float_leaves("inputs", inputs)
+  batch = checks.batch_size("inputs", inputs)
+  label_batch = checks.batch_size("labels", labels)
+  if label_batch != batch:
+    raise ValueError(f"labels have batch size {label_batch} but inputs have {batch}; they must match.")
+  targets = to_targets(labels, num_classes, label_smoothing)
+  k_lam, k_pair = jax.random.split(key)
+  coeffs = policy(k_lam, batch)
+  coeffs = _replicated(coeffs, mesh)
+  perm = pair(k_pair, class_ids(labels), pairing, mesh=mesh, axis_name=axis_name)
+  mixed = mix_with_partner(inputs, perm, coeffs.x, mesh=mesh, axis_name=axis_name)
+  targets_b = take(targets, perm, mesh=mesh, axis_name=axis_name)
+  mixed_targets = mix(targets, targets_b, coeffs.y)
+  return MixedBatch(mixed, mixed_targets, targets, targets_b, coeffs, perm)
+
+
+def _replicated(tree, mesh):
+  # Coefficients are drawn replicated (B numbers): a sharded draw would make the
+  # Beta sampler's rejection loop synchronise across devices.
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
+
+
+def _num_shards(mesh: Mesh, axis_name: str, batch: int) -> int:
+  if axis_name not in mesh.shape:
+    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}.")
+  shards = mesh.shape[axis_name]
+  if batch % shards:
+    raise ValueError(f"batch size {batch} is not divisible by the {shards} shards of {axis_name!r}.")
+  return shards
+
+
+def pair(key: jax.Array, labels: jax.Array, pairing: pairing_lib.Pairing, *,
+         mesh: Optional[Mesh] = None, axis_name: str = "data") -> jax.Array:
+  """Partner indices int32[B] for class ids `labels` int32[B].
+
+  With `mesh`, the pairing runs inside each shard of `axis_name` (shard `g` with
+  key `fold_in(key, g)`), the same as `pairing.grouped(pairing, num_shards)`
+  on one device, and the labels never leave their device.
+  """
+  batch = labels.shape[0]
+  if mesh is None:
+    return pairing(key, labels, batch)
+  local = batch // _num_shards(mesh, axis_name, batch)
+
+  def body(ids):
+    shard = jax.lax.axis_index(axis_name)
+    return pairing(jax.random.fold_in(key, shard), ids, local) + shard * local
+
+  return jax.shard_map(body, mesh=mesh, in_specs=P(axis_name), out_specs=P(axis_name))(labels)
+
+
+def mix_dirichlet(key: jax.Array, inputs: PyTree, labels: jax.Array, *, alpha: float, k: int,
+                  num_classes: Optional[int] = None) -> tuple[PyTree, jax.Array]:
+  """k-way mixing with per-example weights `w ~ Dirichlet(alpha * 1_k)`.
+
+  Example `i` is mixed with `k - 1` partners from independent random
+  permutations: `sum_m w[i, m] * x[perm_m[i]]` (`perm_0` = identity).
+  Returns (mixed inputs like `inputs`, mixed targets f32[B, C]).
+  """
+  from mixjax import sampling  # Local import keeps the module graph flat.
+
+  checks.float_leaves("inputs", inputs)
+  batch = checks.batch_size("inputs", inputs)
+  if checks.batch_size("labels", labels) != batch:
+    raise ValueError("labels and inputs must have the same batch size.")
+  targets = to_targets(labels, num_classes)
+  k_w, k_p = jax.random.split(key)
+  w = sampling.sample_dirichlet(k_w, alpha, k, (batch,))
+  perms = jnp.concatenate([
+      jnp.arange(batch)[None],
+      jax.vmap(lambda kk: jax.random.permutation(kk, batch))(jax.random.split(k_p, k - 1)),
+  ])
+
+  def combine(x):
+    xf = x.astype(jnp.float32)
+    out = sum(w[:, m].reshape((batch,) + (1,) * (x.ndim - 1)) * xf[perms[m]] for m in range(k))
+    return out.astype(x.dtype)
+  return jax.tree_util.tree_map(combine, inputs), combine(targets)

@@ -1,0 +1,250 @@
+"""Training objectives: a model's apply function and a method -> a scalar loss.
+
+An objective is called as `objective(apply, variables, inputs, labels, key)`
+and returns `(loss f32[], (new_model_state, metrics))`, so a train step is
+generic over methods. `apply(variables, inputs, *, key, mix)` runs the model
+(`make_apply` builds one from a linen module, `make_apply_fn` from a plain
+function) and returns `(outputs, new_model_state)`; `mix` is a `MixSpec` or
+None. AMP (`mixjax.amp`) and MixupE (`mixjax.mixupe`) wrap `Mixup` objectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mixjax import hidden
+from mixjax import losses as losses_lib
+from mixjax import mixing
+from mixjax import pairing as pairing_lib
+from mixjax import policies
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+class MixSpec(NamedTuple):
+  """Where and how to mix inside a forward pass.
+
+  point: None for the input, else a submodule path (e.g. 'stage2').
+  lam: f32[] or f32[B] input coefficient; perm: int32[B] partner indices.
+  mesh/axis_name: shard-local mixing over a sharded batch (see `mixing`).
+  """
+  point: Optional[str]
+  lam: jax.Array
+  perm: jax.Array
+  mesh: Optional[Mesh] = None
+  axis_name: str = "data"
+
+
+ApplyFn = Callable[..., tuple[Any, PyTree]]
+Objective = Callable[[ApplyFn, PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, Metrics]]]
+
+
+def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
+               train_arg: Optional[str] = "train") -> ApplyFn:
+  """An `ApplyFn` for a linen module called as `module(x, train=train)`.
+
+  Collections in `mutable` that are present in `variables` are updated when
+  `train` and returned as the new model state ({} otherwise). `key` seeds the
+  'dropout' stream. `train_arg=None` for modules without a train flag.
+  """
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    rngs = {"dropout": key} if key is not None else {}
+    kwargs = {train_arg: train} if train_arg else {}
+    cols = [c for c in mutable if c in variables] if train else []
+    if mix is not None and mix.point is None:
+      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
+                                       axis_name=mix.axis_name)
+    ctx = (hidden.mix_at(mix.point, mix.lam, mix.perm, mesh=mix.mesh, axis_name=mix.axis_name)
+           if mix is not None and mix.point is not None else _null())
+    with ctx:
+      if cols:
+        out, state = module.apply(variables, inputs, rngs=rngs, mutable=cols, **kwargs)
+        return out, dict(state)
+      return module.apply(variables, inputs, rngs=rngs, **kwargs), {}
+  return apply
+
+
+class _null:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
+  """An `ApplyFn` for a plain `fn(params, x) -> outputs` (variables = {'params': params})."""
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    del key
+    if mix is not None:
+      if mix.point is not None:
+        raise ValueError("a plain apply function has no submodules: use point=None (input mixing).")
+      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
+                                       axis_name=mix.axis_name)
+    return fn(variables["params"], inputs), {}
+  return apply
+
+
+def _identity(x):
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Erm:
+  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`."""
+  loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
+  num_classes: Optional[int] = None
+  label_smoothing: float = 0.0
+  to_logits: Callable[[jax.Array], jax.Array] = _identity
+
+  def __call__(self, apply, variables, inputs, labels, key):
+    targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
+    outputs, state = apply(variables, inputs, key=key)
+    loss = jnp.mean(self.loss_fn(outputs, targets))
+    return loss, (state, {"loss": loss})
+
+
+class Draw(NamedTuple):
+  """The random part of a mixup step: spec (MixSpec), coeffs, targets of i and of perm[i]."""
+  spec: MixSpec
+  coeffs: policies.Coefficients
+  targets_a: jax.Array
+  targets_b: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixup:
+  """The mixup family as an objective: the policy picks mixup, Untied MixUp or DAT.
+
+  point: None mixes inputs, a submodule path mixes that hidden output.
+  interpolate: interpolate losses (True) or use mixed targets (False).
+  mesh/axis_name: shard-local pairing and mixing over a batch-sharded mesh.
+  """
+  policy: policies.Policy
+  pairing: pairing_lib.Pairing = pairing_lib.random_permutation
+  loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
+  num_classes: Optional[int] = None
+  point: Optional[str] = None
+  interpolate: bool = True
+  label_smoothing: float = 0.0
+  mesh: Optional[Mesh] = None
+  axis_name: str = "data"
+  to_logits: Callable[[jax.Array], jax.Array] = _identity
+
+  def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
+    """Samples coefficients and partners for a batch."""
+    from mixjax import checks
+    checks.float_leaves("inputs", inputs)
+    batch = checks.batch_size("inputs", inputs)
+    if checks.batch_size("labels", labels) != batch:
+      raise ValueError(f"labels have batch size {checks.batch_size('labels', labels)} but "
+                       f"inputs have {batch}; they must match.")
+    targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
+    k_lam, k_pair = jax.random.split(key)
+    coeffs = self.policy(k_lam, batch)
+    perm = mixing.pair(k_pair, mixing.class_ids(labels), self.pairing, mesh=self.mesh,
+                       axis_name=self.axis_name)
+    spec = MixSpec(self.point, coeffs.x, perm, self.mesh, self.axis_name)
+    targets_b = mixing.take(targets, perm, mesh=self.mesh, axis_name=self.axis_name)
+    return Draw(spec, coeffs, targets, targets_b)
+
+  def losses(self, apply: ApplyFn, variables: PyTree, inputs: PyTree, draw: Draw,
+             key: Optional[jax.Array], lam_x: Optional[jax.Array] = None):
+    """Per-example losses f32[B] (and outputs, new model state) for a draw.
+
+    `lam_x` overrides the input coefficient (the label one stays `draw.coeffs.y`).
+    """
+    spec = draw.spec if lam_x is None else draw.spec._replace(lam=lam_x)
+    outputs, state = apply(variables, inputs, key=key, mix=spec)
+    per_example = losses_lib.mixup_loss(self.loss_fn, outputs, draw.targets_a, draw.targets_b,
+                                        draw.coeffs.y, self.interpolate)
+    return per_example, outputs, state
+
+  def __call__(self, apply, variables, inputs, labels, key):
+    k_mix, k_drop = jax.random.split(key)
+    draw = self.draw(k_mix, inputs, labels)
+    per_example, _, state = self.losses(apply, variables, inputs, draw, k_drop)
+    loss = jnp.mean(per_example)
+    return loss, (state, {"loss": loss, "lam_mean": jnp.mean(draw.coeffs.x)})
+
+
+def erm(loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+        num_classes: Optional[int] = None, label_smoothing: float = 0.0) -> Erm:
+  """ERM objective (see `Erm`)."""
+  return Erm(loss_fn, num_classes, label_smoothing)
+
+
+def mixup(policy: policies.Policy, pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
+          loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+          num_classes: Optional[int] = None, point: Optional[str] = None,
+          interpolate: bool = True, label_smoothing: float = 0.0,
+          mesh: Optional[Mesh] = None, axis_name: str = "data") -> Mixup:
+  """A mixup-family objective (see `Mixup`)."""
+  return Mixup(policy, pairing, loss_fn, num_classes, point, interpolate, label_smoothing,
+               mesh, axis_name)
+
+
+_BASES = ("erm", "mixup", "untied", "dat")
+_WRAPPERS = ("amp", "mixupe")
+
+
+def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
+                  beta: Optional[float] = None, per_example: bool = True,
+                  pairing: str = "random", point: Optional[str] = None,
+                  label_smoothing: float = 0.0, loss: str = "softmax_xent",
+                  cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
+                  amp: Optional[dict] = None, mixupe: Optional[dict] = None,
+                  mesh: Optional[Mesh] = None, axis_name: str = "data") -> Objective:
+  """Builds an objective from a method name such as 'mixup', 'amp', 'untied+amp+mixupe'.
+
+  The name is '+'-joined: at most one base ('erm', 'mixup' (Beta(alpha, beta)),
+  'untied' (U(Beta(alpha, beta))), 'dat') and any of the wrappers 'amp'
+  (kwargs `amp`, e.g. {'eps': 0.002, 'mode': 'full'}) and 'mixupe' (kwargs
+  `mixupe`, e.g. {'eta': 1e-3}); a wrapper alone implies the 'mixup' base.
+  loss: 'softmax_xent', 'sigmoid_xent' or 'cosine' (negative cosine against
+  fixed random class embeddings of `cosine_dim` dims drawn with `cosine_seed`;
+  the model then outputs f[B, cosine_dim]).
+  """
+  parts = [p.strip() for p in method.split("+") if p.strip()]
+  unknown = [p for p in parts if p not in _BASES + _WRAPPERS]
+  bases = [p for p in parts if p in _BASES]
+  if unknown or len(bases) > 1 or not parts:
+    raise ValueError(f"Unknown method {method!r}: use one of {list(_BASES)}, optionally joined "
+                     f"with '+' to wrappers {list(_WRAPPERS)} (e.g. 'untied+amp').")
+  base = bases[0] if bases else "mixup"
+  wrappers = [p for p in parts if p in _WRAPPERS]
+  if base == "erm" and wrappers:
+    raise ValueError(f"{wrappers} need a mixing base ('mixup', 'untied' or 'dat'), not 'erm'.")
+
+  to_logits = _identity
+  if loss == "cosine":
+    emb = losses_lib.class_embeddings(jax.random.key(cosine_seed), num_classes, cosine_dim)
+    loss_fn = losses_lib.negative_cosine_loss(emb)
+    to_logits = lambda f: losses_lib.cosine_logits(f, emb)  # noqa: E731
+  else:
+    loss_fn = losses_lib.get_loss(loss)
+
+  if base == "erm":
+    return Erm(loss_fn, num_classes, label_smoothing, to_logits)
+  if base == "mixup":
+    policy = policies.mixup(alpha, beta, per_example)
+  elif base == "untied":
+    policy = policies.untied_mixup(alpha, alpha if beta is None else beta, per_example)
+  else:
+    policy = policies.dat(alpha, beta, per_example)
+  obj: Any = Mixup(policy, pairing_lib.get_pairing(pairing), loss_fn, num_classes, point,
+                   interpolate, label_smoothing, mesh, axis_name, to_logits)
+  if "amp" in wrappers:
+    from mixjax import amp as amp_lib
+    obj = amp_lib.amp(obj, **(amp or {}))
+  if "mixupe" in wrappers:
+    from mixjax import mixupe as mixupe_lib
+    obj = mixupe_lib.mixupe(obj, alpha=alpha, beta=beta, **(mixupe or {}))
+  return obj

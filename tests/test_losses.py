@@ -1,0 +1,90 @@
+"""Losses against NumPy, and target-linearity (mixed targets == interpolated losses)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax import losses
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.fixture
+def data():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(6, 5)).astype(np.float32) * 3
+  t1 = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 6)]
+  t2 = rng.dirichlet(np.ones(5), 6).astype(np.float32)
+  lam = rng.uniform(size=6).astype(np.float32)
+  return z, t1, t2, lam
+
+
+def test_softmax_cross_entropy(data):
+  z, t1, _, _ = data
+  np.testing.assert_allclose(losses.softmax_cross_entropy(z, t1),
+                             -(t1 * _np_log_softmax(z)).sum(-1), rtol=1e-5)
+
+
+def test_sigmoid_cross_entropy(data):
+  z, t1, _, _ = data
+  p = 1 / (1 + np.exp(-z.astype(np.float64)))
+  ref = -(t1 * np.log(p) + (1 - t1) * np.log(1 - p)).sum(-1)
+  np.testing.assert_allclose(losses.sigmoid_cross_entropy(z, t1), ref, rtol=1e-5)
+
+
+def test_class_embeddings_are_unit_and_fixed():
+  e = losses.class_embeddings(jax.random.key(0), 10, 300)
+  assert e.shape == (10, 300)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(e, losses.class_embeddings(jax.random.key(0), 10, 300))
+
+
+def test_negative_cosine(data):
+  _, t1, t2, _ = data
+  rng = np.random.default_rng(1)
+  f = rng.normal(size=(6, 7)).astype(np.float32)
+  e = np.asarray(losses.class_embeddings(jax.random.key(1), 5, 7))
+  v = f / np.linalg.norm(f, axis=-1, keepdims=True)
+  np.testing.assert_allclose(losses.negative_cosine(f, t1, e), -(v * (t1 @ e)).sum(-1), rtol=1e-5)
+  # Perfect prediction of a one-hot target gives -1.
+  np.testing.assert_allclose(losses.negative_cosine(e[:3] * 4.0, np.eye(5)[:3], e), -1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "cosine"])
+def test_target_linear_losses_interpolate(data, name):
+  z, t1, t2, lam = data
+  if name == "cosine":
+    fn = losses.negative_cosine_loss(losses.class_embeddings(jax.random.key(2), 5, 5))
+  else:
+    fn = {"softmax": losses.softmax_cross_entropy, "sigmoid": losses.sigmoid_cross_entropy}[name]
+  a = losses.mixup_loss(fn, z, t1, t2, lam, interpolate=True)
+  b = losses.mixup_loss(fn, z, t1, t2, lam, interpolate=False)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  ref = lam * np.asarray(fn(z, t1)) + (1 - lam) * np.asarray(fn(z, t2))
+  np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_non_target_linear_loss_differs(data):
+  # Squared error is not target-linear: the two forms of the mixup loss differ,
+  # so the equality above is a real property, not an artefact of the code.
+  z, t1, t2, lam = data
+  sq = lambda o, t: jnp.sum((jax.nn.softmax(o) - t) ** 2, -1)  # noqa: E731
+  a = losses.mixup_loss(sq, z, t1, t2, lam, interpolate=True)
+  b = losses.mixup_loss(sq, z, t1, t2, lam, interpolate=False)
+  assert np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-2
+
+
+def test_scalar_lam(data):
+  z, t1, t2, _ = data
+  a = losses.mixup_loss(losses.softmax_cross_entropy, z, t1, t2, 0.3, interpolate=False)
+  ref = losses.softmax_cross_entropy(z, 0.3 * t1 + 0.7 * t2)
+  np.testing.assert_allclose(a, ref, rtol=1e-6)
+
+
+def test_unknown_loss():
+  with pytest.raises(ValueError, match="Unknown loss"):
+    losses.get_loss("hinge")
