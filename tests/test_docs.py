@@ -1,0 +1,29 @@
+"""Every Python code block in the README and docs/ runs, so the docs cannot drift."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _blocks():
+  for path in DOCS:
+    for i, code in enumerate(BLOCK.findall(path.read_text())):
+      yield pytest.param(code, id=f"{path.name}-{i}")
+
+
+@pytest.mark.parametrize("code", list(_blocks()))
+def test_code_block_runs(code):
+  exec(compile(code, "<doc>", "exec"), {"__name__": "__doc__"})
+
+
+def test_readme_opens_with_the_two_commands():
+  text = (ROOT / "README.md").read_text()
+  first = re.search(r"```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+  assert len(first) == 2 and first[0].endswith("python train.py")
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert first[1] in ci  # CI runs exactly the README's test command.
