@@ -92,6 +92,42 @@ def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
   return apply
 
 
+def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
+  """An `ApplyFn` and its initial variables for a `flax.nnx` model.
+
+  Returns `(apply, variables)` with `variables = {'params': nnx.State of
+  nnx.Param, 'nnx_state': the rest (batch statistics, RNG counters)}`; the new
+  model state returned by `apply` is `{'nnx_state': ...}`. The model's RNG keys
+  are replaced by keys folded from `key` (so dropout is a pure function of
+  it); `train` selects `model.train()` or `model.eval()` behaviour.
+  """
+  from flax import nnx
+
+  graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)
+  copy = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # noqa: E731  (fresh Variables)
+
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    keys = copy(rng_keys)
+    if key is not None:
+      leaves, treedef = jax.tree_util.tree_flatten(keys)
+      keys = jax.tree_util.tree_unflatten(
+          treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+    m = nnx.merge(graphdef, copy(variables["params"]), keys, copy(variables["nnx_state"]))
+    m.train() if train else m.eval()
+    if mix is not None and mix.point is None:
+      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
+                                       axis_name=mix.axis_name)
+    ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
+                             axis_name=mix.axis_name)
+           if mix is not None and mix.point is not None else _null())
+    with ctx:
+      out = m(inputs)
+    _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
+    return out, {"nnx_state": new_rest}
+
+  return apply, {"params": params, "nnx_state": rest}
+
+
 def _identity(x):
   return x
 

@@ -90,3 +90,42 @@ def test_sharded_objective_equals_single_device():
   loss_1, g_1 = grad_fn(single)(v["params"], x, y)
   np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
   chex.assert_trees_all_close(g_s, g_1, rtol=1e-4, atol=1e-6)
+
+
+def test_nnx_model_through_the_same_objectives():
+  from flax import nnx
+
+  class NNXNet(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(6, 16, rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      x = self.bn(self.hidden(x.reshape(x.shape[0], -1)))
+      return self.head(self.drop(jax.nn.relu(x)))
+
+  x, y = _data()
+  apply, variables = objectives.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)))
+  obj = objectives.mixup(policies.mixup(0.5), num_classes=3, point="hidden")
+
+  @jax.jit
+  def step(params):
+    (loss, (state, _)), g = jax.value_and_grad(
+        lambda p: obj(apply, {**variables, "params": p}, x, y, jax.random.key(1)),
+        has_aux=True)(params)
+    return loss, state, g
+
+  loss, state, grads = step(variables["params"])
+  loss2, _, _ = step(variables["params"])
+  assert np.isfinite(loss) and loss == loss2
+  assert float(jnp.abs(grads["hidden"]["kernel"][...]).sum()) > 0
+  # Batch statistics moved (train mode) and came back as the new model state.
+  assert not np.allclose(state["nnx_state"]["bn"]["mean"][...], 0.0)
+  # Eval mode: deterministic, statistics untouched.
+  eval_apply, _ = objectives.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)), train=False)
+  out, st = eval_apply(variables, x)
+  np.testing.assert_allclose(st["nnx_state"]["bn"]["mean"][...], 0.0)
+  assert out.shape == (16, 3)
