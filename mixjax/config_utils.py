@@ -1,0 +1,302 @@
+"""Training configs: loading `configs/<recipe>.py[:arg]`, overrides and validation.
+
+A config file defines `get_config(arg=None) -> ConfigDict` (big_vision style).
+The text after ':' in `configs/x.py:res=64,runlocal` is handed to
+`get_config`; `parse_arg(arg, res=224, runlocal=False)` turns it into typed
+values. Every recipe starts from `base_config()`, the full schema: after
+loading, `--config.a.b=value` overrides may change existing fields only (new
+keys are allowed only under `model.kwargs`, the model's own arguments, which
+the model constructor checks), and `validate` checks values, so a mistyped
+key or value fails before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+BASE_METHODS = ("erm", "mixup", "untied", "dat")
+WRAPPER_METHODS = ("amp", "mixupe")
+DATASETS = ("digits", "iris", "synthetic", "npz", "tsv", "tfds")
+AUGMENTS = ("none", "cifar", "inception", "flip")
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("warmup_cosine", "piecewise", "constant")
+LOSSES = ("softmax_xent", "sigmoid_xent", "cosine")
+PAIRINGS = ("random", "reverse", "roll", "same_class")
+FREE_FORM = ("model.kwargs",)
+
+
+def base_config() -> ConfigDict:
+  """The full schema with defaults; recipes change values, never add keys."""
+  c = ConfigDict()
+  c.seed = 0
+  # '+'-joined objective ('mixup', 'untied+amp', 'mixup+amp+mixupe', ...); a
+  # ','-separated list trains each method in turn (workdir/<method>).
+  c.method = "mixup"
+  c.mix = ConfigDict(dict(
+      alpha=1.0,
+      beta=None,           # None: beta = alpha.
+      per_example=True,    # one lam per example (False: one per batch).
+      pairing="random",    # within-batch pairing: random, reverse, roll, same_class.
+      shard_local=True,    # pair inside each device's shard (no cross-device traffic).
+      point=None,          # None mixes inputs; a submodule path mixes its output.
+      interpolate=True,    # interpolate losses (True) or mix targets (False).
+      label_smoothing=0.0,
+      loss="softmax_xent",  # softmax_xent, sigmoid_xent, cosine.
+      cosine_dim=300,
+      erm_warmup_steps=0,  # train with ERM for this many steps first.
+  ))
+  c.amp = ConfigDict(dict(eps=0.002, mode="full"))
+  c.mixupe = ConfigDict(dict(eta=1e-3))
+  c.model = ConfigDict(dict(
+      name="digits_cnn",
+      dtype="float32",     # compute dtype ('bfloat16': bf16 compute, f32 master weights).
+      kwargs=ConfigDict(),  # model-specific constructor arguments.
+  ))
+  c.dataset = ConfigDict(dict(
+      name="digits",       # digits, iris, synthetic, npz, tsv, tfds.
+      tfds_name="",        # for name='tfds': e.g. 'imagenet2012', 'cifar10'.
+      data_dir=None,       # TFDS data_dir, or the folder of npz/tsv files.
+      train_split="train",
+      eval_split="test",
+      num_classes=10,
+      input_shape=(8, 8, 1),  # one training example after augmentation.
+      input_dtype="float32",  # 'int32' for token ids.
+      train_examples=0,    # 0: from the data; used for synthetic data and epoch maths.
+      eval_examples=0,
+      augment="none",      # none, flip, cifar (pad-crop-flip), inception (crop+flip).
+      normalize="none",    # none, imagenet, cifar10, cifar100, svhn, per_dataset.
+      label_corruption=0.0,  # fraction of training labels replaced by random ones.
+      corruption_seed=0,
+      epoch_pairing=False,  # pair two independently shuffled copies (Untied MixUp).
+      vocab_size=20000,    # text: vocabulary (0 pad, 1 unknown).
+      prefetch=2,
+  ))
+  c.batch_size = 128       # global batch size.
+  c.eval_batch_size = 0    # 0: batch_size.
+  c.total_steps = 0        # 0: num_epochs * steps per epoch.
+  c.num_epochs = 0.0
+  c.optimizer = ConfigDict(dict(
+      name="sgd",
+      lr=0.1,              # peak learning rate.
+      momentum=0.9,
+      nesterov=False,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,    # L2 for sgd (added to gradients), decoupled for adamw.
+      decay_norm_and_bias=False,
+      grad_clip_norm=0.0,  # 0: no clipping.
+      grad_accum_steps=1,  # micro-batches per step (scan; the update uses the mean gradient).
+  ))
+  c.schedule = ConfigDict(dict(
+      name="warmup_cosine",  # warmup_cosine, piecewise, constant.
+      warmup_steps=0,
+      warmup_epochs=0.0,
+      warmup_init=0.0,     # warm-up starts at warmup_init * lr.
+      end_factor=1e-3,     # cosine ends at end_factor * lr.
+      boundaries_epochs=(),  # piecewise: epochs where the lr is multiplied by decay_factor.
+      decay_factor=0.1,
+  ))
+  c.ema_decay = 0.0        # Polyak average of params and batch stats; 0 disables.
+  c.log_every_steps = 50
+  c.eval_every_steps = 0   # 0: evaluate at the end only.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.nan_policy = "stop"    # stop (error naming the step) or skip (drop the update).
+  c.mesh_data = -1         # devices on the 'data' axis; -1: all.
+  c.progress_bar = True
+  return c
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ConfigDict:
+  """Parses 'k=v,k2=v2,flag' with types taken from `defaults` (bare 'flag' = True)."""
+  out = ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; allowed: {sorted(defaults)}.")
+    out[key] = _convert(value if eq else "True", defaults[key], key)
+  return out
+
+
+def _convert(text: str, current: Any, key: str) -> Any:
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"{key} must be a boolean (true/false), got {text!r}.")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise ValueError(f"{key}={text!r} is not a valid {type(current).__name__}.") from None
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise ValueError(f"{key}={text!r} must be a {type(current).__name__} like {current!r}.")
+  return value
+
+
+def load_config(spec: str) -> ConfigDict:
+  """Loads 'path/to/config.py[:arg]' by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config: no config file {path!r}.")
+  name = "mixjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  check_schema(config)
+  return config
+
+
+def _flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    path = prefix + key
+    if isinstance(value, ConfigDict) and path not in FREE_FORM:
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def check_schema(config: ConfigDict) -> None:
+  """Raises ValueError if `config` has keys that `base_config()` does not."""
+  known = _flatten(base_config())
+  extra = sorted(set(_flatten(config)) - set(known))
+  if extra:
+    raise ValueError(f"Unknown config keys {extra}. " + _suggest(extra[0], known))
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+  close = difflib.get_close_matches(key, list(known), n=3)
+  return f"Did you mean {close}?" if close else "See mixjax/config_utils.base_config()."
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+  """Applies 'a.b=value' strings (from `--config.a.b=value`); unknown keys raise ValueError."""
+  config = ConfigDict(config.to_dict())
+  known = _flatten(config)
+  for item in overrides:
+    key, eq, text = item.partition("=")
+    if not eq:
+      raise ValueError(f"Override {item!r} must look like key=value.")
+    free = any(key.startswith(f + ".") for f in FREE_FORM)
+    if key not in known and not free:
+      raise ValueError(f"Unknown config key {key!r}. " + _suggest(key, list(known)))
+    parent, _, leaf = key.rpartition(".")
+    node = config
+    for part in parent.split(".") if parent else []:
+      node = node[part]
+    if free and leaf not in node:
+      node[leaf] = _convert(text, None, key)
+    else:
+      node[leaf] = _convert(text, node[leaf], key)
+  return config
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates '--config.a.b=v' / '--config.a.b v' overrides from the other flags."""
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ValueError(f"{arg} needs a value.")
+        body = body + "=" + argv[i + 1]
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def methods(config: ConfigDict) -> list[str]:
+  """The methods to train in turn ('mixup,erm' -> ['mixup', 'erm'])."""
+  return [m.strip() for m in config.method.split(",") if m.strip()]
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ValueError(f"config.{name}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks every value that can be checked without data or devices (ValueError)."""
+  check_schema(config)
+  runs = methods(config)
+  if not runs:
+    raise ValueError("config.method is empty; use e.g. 'mixup', 'erm' or 'mixup,erm'.")
+  for method in runs:
+    parts = [p.strip() for p in method.split("+")]
+    bad = [p for p in parts if p not in BASE_METHODS + WRAPPER_METHODS]
+    bases = [p for p in parts if p in BASE_METHODS]
+    if bad or len(bases) > 1:
+      raise ValueError(f"config.method={method!r}: use one of {list(BASE_METHODS)} optionally "
+                       f"joined with '+' to {list(WRAPPER_METHODS)}.")
+    if "erm" in bases and len(parts) > 1:
+      raise ValueError(f"config.method={method!r}: amp/mixupe need a mixing base, not erm.")
+  _choice("dataset.name", config.dataset.name, DATASETS)
+  _choice("dataset.augment", config.dataset.augment, AUGMENTS)
+  _choice("dataset.input_dtype", config.dataset.input_dtype, ("float32", "int32"))
+  _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+  _choice("schedule.name", config.schedule.name, SCHEDULES)
+  _choice("mix.loss", config.mix.loss, LOSSES)
+  _choice("mix.pairing", config.mix.pairing, PAIRINGS)
+  _choice("nan_policy", config.nan_policy, ("stop", "skip"))
+  _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
+  _choice("amp.mode", config.amp.mode, ("full", "max", "rand"))
+  if config.dataset.name == "tfds" and not config.dataset.tfds_name:
+    raise ValueError("config.dataset.tfds_name is required when dataset.name='tfds'.")
+  if config.dataset.epoch_pairing and config.mix.pairing != "reverse":
+    raise ValueError("config.dataset.epoch_pairing=True needs config.mix.pairing='reverse' "
+                     "(the pipeline lays out pairs so that reverse pairing matches them).")
+  if not 0.0 <= config.dataset.label_corruption <= 1.0:
+    raise ValueError(f"config.dataset.label_corruption must be in [0, 1], got "
+                     f"{config.dataset.label_corruption}.")
+  positive = {"batch_size": config.batch_size, "mix.alpha": config.mix.alpha,
+              "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
+              "log_every_steps": config.log_every_steps,
+              "keep_checkpoints": config.keep_checkpoints,
+              "dataset.num_classes": config.dataset.num_classes}
+  for name, value in positive.items():
+    if not value > 0:
+      raise ValueError(f"config.{name} must be > 0, got {value!r}.")
+  if config.total_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("Set config.total_steps or config.num_epochs (> 0).")
+  if config.batch_size % config.optimizer.grad_accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
+                     f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}.")
+  if config.optimizer.lr < 0 or config.optimizer.weight_decay < 0:
+    raise ValueError("config.optimizer.lr and weight_decay must be >= 0.")
+  if config.dataset.input_dtype == "int32" and config.mix.point is None and any(
+      m != "erm" for m in runs):
+    raise ValueError("Integer inputs (token ids) cannot be mixed: set config.mix.point to a "
+                     "submodule (e.g. the embedding) for mixing methods.")
