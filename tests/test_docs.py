@@ -27,3 +27,15 @@ def test_readme_opens_with_the_two_commands():
   assert len(first) == 2 and first[0].endswith("python train.py")
   ci = (ROOT / ".ci" / "run").read_text()
   assert first[1] in ci  # CI runs exactly the README's test command.
+
+
+def test_api_reference_builds_without_warnings(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d",
+                         str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  api = (tmp_path / "site" / "api" / "index.html").read_text()
+  for name in ["sample_beta", "mix_batch", "mix_at", "negative_cosine", "get_objective"]:
+    assert name in api
