@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixjax import checks
 from mixjax import pairing as pairing_lib
 from mixjax import policies
+from mixjax import sampling
 
 PyTree = Any
 
@@ -233,8 +234,6 @@ def mix_dirichlet(key: jax.Array, inputs: PyTree, labels: jax.Array, *, alpha: f
   permutations: `sum_m w[i, m] * x[perm_m[i]]` (`perm_0` = identity).
   Returns (mixed inputs like `inputs`, mixed targets f32[B, C]).
   """
-  from mixjax import sampling  # Local import keeps the module graph flat.
-
   checks.float_leaves("inputs", inputs)
   batch = checks.batch_size("inputs", inputs)
   if checks.batch_size("labels", labels) != batch:

@@ -10,6 +10,7 @@ None. AMP (`mixjax.amp`) and MixupE (`mixjax.mixupe`) wrap `Mixup` objectives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from mixjax import checks
 from mixjax import hidden
 from mixjax import losses as losses_lib
 from mixjax import mixing
@@ -62,21 +64,13 @@ def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] =
       inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
                                        axis_name=mix.axis_name)
     ctx = (hidden.mix_at(mix.point, mix.lam, mix.perm, mesh=mix.mesh, axis_name=mix.axis_name)
-           if mix is not None and mix.point is not None else _null())
+           if mix is not None and mix.point is not None else contextlib.nullcontext())
     with ctx:
       if cols:
         out, state = module.apply(variables, inputs, rngs=rngs, mutable=cols, **kwargs)
         return out, dict(state)
       return module.apply(variables, inputs, rngs=rngs, **kwargs), {}
   return apply
-
-
-class _null:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
@@ -119,7 +113,7 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
                                        axis_name=mix.axis_name)
     ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
                              axis_name=mix.axis_name)
-           if mix is not None and mix.point is not None else _null())
+           if mix is not None and mix.point is not None else contextlib.nullcontext())
     with ctx:
       out = m(inputs)
     _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
@@ -176,7 +170,6 @@ class Mixup:
 
   def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
     """Samples coefficients and partners for a batch."""
-    from mixjax import checks
     checks.float_leaves("inputs", inputs)
     batch = checks.batch_size("inputs", inputs)
     if checks.batch_size("labels", labels) != batch:
