@@ -170,7 +170,8 @@ class Mixup:
 
   def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
     """Samples coefficients and partners for a batch."""
-    checks.float_leaves("inputs", inputs)
+    if self.point is None:  # Hidden-layer mixing may take token ids as inputs.
+      checks.float_leaves("inputs", inputs)
     batch = checks.batch_size("inputs", inputs)
     if checks.batch_size("labels", labels) != batch:
       raise ValueError(f"labels have batch size {checks.batch_size('labels', labels)} but "

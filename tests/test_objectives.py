@@ -129,3 +129,23 @@ def test_nnx_model_through_the_same_objectives():
   out, st = eval_apply(variables, x)
   np.testing.assert_allclose(st["nnx_state"]["bn"]["mean"][...], 0.0)
   assert out.shape == (16, 3)
+
+
+def test_hidden_mixing_accepts_token_ids():
+  import flax.linen as nn
+
+  class Text(nn.Module):
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+      h = nn.Embed(20, 8, name="embed")(tokens)
+      return nn.Dense(3)(h.mean(1))
+
+  tokens = jnp.arange(24).reshape(6, 4) % 20
+  v = Text().init(jax.random.key(0), tokens)
+  obj = objectives.mixup(policies.mixup(1.0), num_classes=3, point="embed")
+  loss, _ = obj(objectives.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
+  assert np.isfinite(loss)
+  with pytest.raises(ValueError, match="int32"):  # Input mixing of token ids is an error.
+    objectives.mixup(policies.mixup(1.0), num_classes=3)(
+        objectives.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
