@@ -270,7 +270,6 @@ def validate(config: ConfigDict) -> None:
   _choice("mix.pairing", config.mix.pairing, PAIRINGS)
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
-  _choice("amp.mode", config.amp.mode, ("full", "max", "rand"))
   if config.dataset.name == "tfds" and not config.dataset.tfds_name:
     raise ValueError("config.dataset.tfds_name is required when dataset.name='tfds'.")
   if config.dataset.epoch_pairing and config.mix.pairing != "reverse":

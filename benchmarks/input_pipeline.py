@@ -1,0 +1,118 @@
+"""Input-pipeline and train-step throughput.
+
+    python benchmarks/input_pipeline.py [--size 224] [--batch 64] [--steps 5]
+
+1. ImageNet-style augmentation (Inception crop + bilinear resize + flip) of
+   the NumPy pipeline on synthetic uint8-range float images, one CPU core
+   (this process, single-threaded NumPy): images/s per core. Also CIFAR
+   pad-crop-flip at 32x32.
+2. Train-step throughput on synthetic data for each method, as images/s and
+   as a ratio to ERM (small CNN, or `--model NAME` from mixjax.models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+
+def bench_augment(size: int, batch: int, repeats: int) -> list[tuple[str, float]]:
+  from mixjax import input_pipeline as ip
+  rng = np.random.default_rng(0)
+  rows = []
+  src = (rng.uniform(0, 255, (batch, int(size * 1.14), int(size * 1.14), 3))).astype(np.float32)
+  for name, x, kind, out in (
+      (f"inception {src.shape[1]}->{size}", src, "inception", (size, size, 3)),
+      ("cifar pad-crop-flip 32", rng.normal(size=(batch, 32, 32, 3)).astype(np.float32), "cifar",
+       (32, 32, 3))):
+    ip.augment_batch(x[:2], kind, rng, out)  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+      ip.augment_batch(x, kind, rng, out)
+    rows.append((name, batch * repeats / (time.perf_counter() - t)))
+  return rows
+
+
+def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tuple[str, float]]:
+  """images/s of the jitted, sharded train step (compile and 2 warm-up steps excluded)."""
+  import functools
+
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  import train
+  from mixjax import objectives
+  from mixjax import train_step as ts
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tests"))
+  import train_testlib as lib
+  c = lib.tiny_config(steps, "erm")
+  c.dataset.input_shape = (size, size, 3)
+  c.model.name = model_name or "digits_cnn"
+  module = train.build_model(c, 10) if model_name else lib.TinyResNet(num_classes=10, width=32)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  rng = np.random.default_rng(0)
+  batch_np = {"inputs": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+              "labels": rng.integers(0, 10, batch).astype(np.int32)}
+  data = jax.device_put(batch_np, shard)
+  tx = __import__("optax").sgd(0.1, 0.9)
+  variables = ts.init_variables(module, jax.random.key(0), jnp_zeros((1, size, size, 3)))
+  rows = []
+  for method in ("erm", "mixup", "untied", "dat"):
+    obj = train.make_objective(c, method, mesh)
+    fresh = jax.tree_util.tree_map(lambda x: x.copy(), variables)  # the step donates its input
+    state = jax.device_put(ts.create_train_state(fresh, tx, jax.random.key(1), ema=False), rep)
+    step = jax.jit(functools.partial(ts.train_step, objective=obj,
+                                     apply=objectives.make_apply(module), tx=tx),
+                   in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+    for _ in range(2):
+      state, m = step(state, data)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, data)
+    jax.block_until_ready(state)
+    rows.append((method, batch * steps / (time.perf_counter() - t)))
+  return rows
+
+
+def jnp_zeros(shape):
+  import jax.numpy as jnp
+  return jnp.zeros(shape, jnp.float32)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--step_size", type=int, default=32, help="image size for the step benchmark")
+  p.add_argument("--step_batch", type=int, default=64)
+  p.add_argument("--model", default="", help="mixjax.models name (default: a small CNN)")
+  a = p.parse_args(argv)
+  print(f"Augmentation, NumPy, 1 core (batch {a.batch}):")
+  print(f"  {'pipeline':32s} {'images/s/core':>14s}")
+  for name, ips in bench_augment(a.size, a.batch, a.repeats):
+    print(f"  {name:32s} {ips:14.1f}")
+  import jax
+  print(f"\nTrain step on synthetic {a.step_size}x{a.step_size}x3, batch {a.step_batch}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"model {a.model or 'TinyResNet(width=32)'}:")
+  rows = bench_steps(a.model, a.steps, a.step_batch, a.step_size)
+  erm = rows[0][1]
+  print(f"  {'method':10s} {'images/s':>10s} {'ratio to ERM':>13s}")
+  for method, ips in rows:
+    print(f"  {method:10s} {ips:10.1f} {ips / erm:13.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,173 @@
+"""Train state, one generic train step and an eval step (plain functions; jit them).
+
+The train step is generic over `mixjax.objectives` objectives: anything called
+as `objective(apply, variables, inputs, labels, key) -> (loss, (new_model_state,
+metrics))` (ERM, the mixup family, AMP, MixupE and their combinations).
+Under `jit` with the batch sharded over a 'data' mesh axis, batch norm
+statistics are global-batch statistics and gradients are global means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixjax import losses as losses_lib
+from mixjax import objectives as objectives_lib
+from mixjax import optim
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue exactly.
+
+  step: int32[]; params: f32 model parameters; model_state: mutable model
+  collections ({'batch_stats': ...} or {}); opt_state: optimizer state;
+  ema_params / ema_model_state: Polyak averages ({} when EMA is off);
+  rng: uint32[2] raw key data of the run's base key (step keys are
+  `fold_in(key, step)`); skipped: int32[] count of non-finite steps dropped.
+  """
+  step: jax.Array
+  params: PyTree
+  model_state: PyTree
+  opt_state: PyTree
+  ema_params: PyTree
+  ema_model_state: PyTree
+  rng: jax.Array
+  skipped: jax.Array
+
+
+def init_variables(module: nn.Module, key: jax.Array, sample_inputs: PyTree,
+                   train_arg: Optional[str] = "train") -> PyTree:
+  """`module.init` on a sample batch (called as `module(x, train=False)`)."""
+  k_params, k_drop = jax.random.split(key)
+  kwargs = {train_arg: False} if train_arg else {}
+  return module.init({"params": k_params, "dropout": k_drop}, sample_inputs, **kwargs)
+
+
+def create_train_state(variables: PyTree, tx: optax.GradientTransformation, key: jax.Array,
+                       ema: bool) -> TrainState:
+  """A fresh `TrainState` from initialised `variables` ({'params': ..., **model_state})."""
+  variables = dict(variables)
+  params = variables.pop("params")
+  model_state = variables
+  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      opt_state=tx.init(params),
+      ema_params=copy(params) if ema else {}, ema_model_state=copy(model_state) if ema else {},
+      rng=jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key,
+      skipped=jnp.zeros((), jnp.int32))
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Objective,
+               apply: objectives_lib.ApplyFn, tx: optax.GradientTransformation,
+               schedule: Optional[optax.Schedule] = None, ema_decay: float = 0.0,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on a global batch.
+
+  Args:
+    state: the `TrainState`.
+    batch: {'inputs': pytree with leading axis B, 'labels': int32[B] or f32[B, C]}.
+    objective, apply: see `mixjax.objectives`.
+    tx: the optax optimizer; schedule: for the 'lr' metric.
+    ema_decay: Polyak decay of params and model state (0: no EMA).
+    accum_steps: split the batch into this many micro-batches (example i goes
+      to micro-batch i % accum_steps, so shards stay on their devices) and
+      average their gradients in a `lax.scan`; model state threads through.
+  Returns:
+    (new state, metrics: f32[] scalars incl. 'loss', 'grad_norm', 'lr', 'finite').
+    A step with a non-finite loss or gradient leaves params, optimizer and
+    model state unchanged ('finite' = 0); the caller stops or skips.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params, model_state, inputs, labels, k):
+    variables = {"params": params, **model_state}
+    return objective(apply, variables, inputs, labels, k)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, (model_state, metrics)), grads = grad_fn(
+        state.params, state.model_state, batch["inputs"], batch["labels"], key)
+  else:
+    def split(x):
+      x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+    micro = jax.tree_util.tree_map(split, (batch["inputs"], batch["labels"]))
+
+    def body(carry, xs):
+      model_state, grad_sum = carry
+      i, (inputs, labels) = xs
+      (loss, (model_state, metrics)), g = grad_fn(
+          state.params, model_state, inputs, labels, jax.random.fold_in(key, i))
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, g)
+      return (model_state, grad_sum), (loss, metrics)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+        body, (state.model_state, zeros), (jnp.arange(accum_steps), micro))
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grad_sum)
+    loss = jnp.mean(losses)
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+
+  model_state = {k: v for k, v in dict(model_state).items() if k in state.model_state}
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  params = _select(finite, params, state.params)
+  opt_state = _select(finite, opt_state, state.opt_state)
+  model_state = _select(finite, model_state, state.model_state)
+  ema_params, ema_model_state = state.ema_params, state.ema_model_state
+  if ema_decay:
+    ema_params = optim.ema_update(state.ema_params, params, ema_decay)
+    ema_model_state = optim.ema_update(state.ema_model_state, model_state, ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, ema_params=ema_params,
+                            ema_model_state=ema_model_state,
+                            skipped=state.skipped + (~finite).astype(jnp.int32))
+  metrics = dict(metrics)
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                 finite=finite.astype(jnp.float32))
+  if schedule is not None:
+    metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+  return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def eval_step(variables: PyTree, batch: Batch, *, apply: objectives_lib.ApplyFn,
+              num_classes: int,
+              loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+              to_logits: Callable[[jax.Array], jax.Array] = lambda x: x) -> dict[str, jax.Array]:
+  """Sums over a batch: {'loss', 'top1', 'top5', 'count'} (f32[]).
+
+  batch: {'inputs', 'labels': int32[B], 'mask': f32[B] (0 for padding)}.
+  `apply` runs the model in eval mode; `to_logits` maps outputs to class scores.
+  """
+  outputs, _ = apply(variables, batch["inputs"], key=None)
+  labels = batch["labels"]
+  mask = batch.get("mask", jnp.ones(labels.shape[0], jnp.float32))
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  loss = loss_fn(outputs.astype(jnp.float32), targets)
+  logits = to_logits(outputs).astype(jnp.float32)
+  k = min(5, num_classes)
+  topk = jax.lax.top_k(logits, k)[1]
+  top1 = (topk[:, 0] == labels).astype(jnp.float32)
+  top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(top1 * mask),
+          "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}

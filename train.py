@@ -1,0 +1,434 @@
+"""Trains a model with ERM or a mixup-family method: the one entry point.
+
+    python train.py                      # configs/digits.py: mixup and ERM on digits, CPU
+    python train.py --config configs/cifar10_preactresnet18.py --workdir /tmp/c10 \
+        --config.method=untied+amp --config.mix.alpha=2.2
+    python train.py --config configs/imagenet_resnet50.py:res=64 --workdir w \
+        --config.dataset.name=synthetic
+
+`--config path.py[:arg]` loads `get_config(arg)` from a config file;
+`--config.key=value` overrides any field (unknown keys and bad values fail
+before anything compiles). With `--workdir`, checkpoints (orbax, async,
+keep-last-k) go to `<workdir>/checkpoints` and metrics to
+`<workdir>/metrics.jsonl`, `train.csv`, `eval.csv` and `tb/` (TensorBoard);
+an existing checkpoint there is resumed exactly (params, optimizer, EMA,
+step, PRNG, data position). SIGTERM saves a checkpoint and exits cleanly.
+`config.method='mixup,erm'` trains each method in turn (in `<workdir>/<method>`).
+Multi-host: pass `--coordinator_address host:port --num_processes N
+--process_id i` (or set MIXJAX_DISTRIBUTED=1 to let
+`jax.distributed.initialize()` detect the cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixjax import checkpointing
+from mixjax import config_utils
+from mixjax import input_pipeline
+from mixjax import metrics_writer
+from mixjax import objectives as objectives_lib
+from mixjax import optim
+from mixjax import train_step as ts
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class _Preemption:
+  """Records SIGTERM so the loop can save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self) -> None:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # Not in the main thread: no signal handling.
+      self._previous = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh with axis 'data' over `config.mesh_data` devices (-1: all).
+
+  Parameters are replicated (pure data parallelism; no 'model' axis).
+  """
+  devices = jax.devices()
+  n = len(devices) if config.mesh_data in (-1, 0) else config.mesh_data
+  if n > len(devices) or (jax.process_count() > 1 and n != len(devices)):
+    raise ValueError(f"config.mesh_data={config.mesh_data}: {len(devices)} devices available "
+                     "(multi-host runs must use all of them).")
+  return Mesh(np.asarray(devices[:n]), ("data",))
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The linen module named `config.model.name` from `mixjax.models.get_model`."""
+  try:
+    from mixjax import models
+    get_model = models.get_model
+  except (ImportError, AttributeError) as e:
+    raise ValueError("mixjax.models.get_model is not available; pass `model=` to "
+                     "train_and_evaluate or install the model zoo.") from e
+  kwargs = dict(config.model.kwargs)
+  if config.model.dtype != "float32":
+    kwargs["dtype"] = _DTYPES[config.model.dtype]
+  try:
+    return get_model(config.model.name, num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"config.model.kwargs {sorted(kwargs)} do not fit model "
+                     f"{config.model.name!r}: {e}") from e
+
+
+def _num_outputs(config: ml_collections.ConfigDict) -> int:
+  """Model outputs: class logits, or `cosine_dim` features for the negative-cosine loss."""
+  return config.mix.cosine_dim if config.mix.loss == "cosine" else config.dataset.num_classes
+
+
+def make_objective(config: ml_collections.ConfigDict, method: str,
+                   mesh: Optional[Mesh]) -> objectives_lib.Objective:
+  """The objective of `method` from `config.mix`, `config.amp`, `config.mixupe`."""
+  m = config.mix
+  mesh = mesh if m.shard_local else None
+  return objectives_lib.get_objective(
+      method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
+      per_example=m.per_example, pairing=m.pairing, point=m.point,
+      label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
+      interpolate=m.interpolate, amp=dict(config.amp), mixupe=dict(config.mixupe),
+      mesh=mesh, axis_name="data")
+
+
+class Data:
+  """Training iterator and eval batches for this process."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, start_step: int):
+    d = config.dataset
+    self.shape = tuple(d.input_shape)
+    groups = mesh.shape["data"] if config.mix.shard_local else 1
+    pidx, pcount = jax.process_index(), jax.process_count()
+    self.eval_batch = _round_up(config.eval_batch_size or config.batch_size, mesh.size)
+    if d.name == "tfds" and d.input_dtype != "int32":
+      self.train_examples = input_pipeline.tfds_num_examples(d, d.train_split)
+      self.train = input_pipeline.TfdsTrainIterator(
+          d, config.batch_size, seed=config.seed, process_index=pidx, process_count=pcount,
+          start_step=start_step)
+      self._eval = lambda: input_pipeline.tfds_eval_batches(  # noqa: E731
+          d, self.eval_batch, process_index=pidx, process_count=pcount)
+      return
+    arrays = input_pipeline.load_arrays(d, seed=config.seed)
+    self.train_examples = len(arrays["train"])
+    got = tuple(arrays["train"].get(np.arange(1))[0].shape[1:])
+    if d.augment != "inception" and got != self.shape:
+      raise ValueError(f"config.dataset.input_shape={self.shape} but dataset {d.name!r} has "
+                       f"examples of shape {got}.")
+    self.train = input_pipeline.TrainIterator(
+        arrays["train"], config.batch_size, seed=config.seed, augment=d.augment,
+        out_shape=self.shape, normalize=d.normalize, process_index=pidx, process_count=pcount,
+        epoch_pairing=d.epoch_pairing, num_groups=groups, start_step=start_step,
+        prefetch=d.prefetch)
+    self._eval = lambda: input_pipeline.eval_batches(  # noqa: E731
+        arrays["eval"], self.eval_batch, augment=d.augment, out_shape=self.shape,
+        normalize=d.normalize, process_index=pidx, process_count=pcount)
+
+  def eval_batches(self):
+    return self._eval()
+
+
+def _f32_outputs(apply: objectives_lib.ApplyFn) -> objectives_lib.ApplyFn:
+  """Casts model outputs to float32 (bf16 compute; losses and metrics in f32)."""
+  def wrapped(variables, inputs, **kwargs):
+    out, state = apply(variables, inputs, **kwargs)
+    return jax.tree_util.tree_map(lambda o: o.astype(jnp.float32), out), state
+  return wrapped
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  def put(x):
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return jax.tree_util.tree_map(put, batch)
+
+
+def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, float]:
+  """(total steps, steps per epoch) from config.total_steps or config.num_epochs."""
+  per_epoch = train_examples / config.batch_size
+  steps = config.total_steps or int(math.ceil(config.num_epochs * per_epoch))
+  return steps, per_epoch
+
+
+def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[str], *,
+              model: Any = None, max_steps: Optional[int] = None,
+              on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+  """Trains one method; returns {'method', 'step', 'eval', 'eval_ema', 'preempted', 'state', ...}.
+
+  `model`: a linen module (default: from `config.model` through the registry).
+  `max_steps`: stop after this global step (the schedule still uses total_steps).
+  `on_step`: called with the step number after each step is dispatched.
+  """
+  mesh = make_mesh(config)
+  ckpt = None
+  writer = metrics_writer.MetricsWriter(workdir)
+  if workdir:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      keep=config.keep_checkpoints)
+  num_classes = config.dataset.num_classes
+  module = model if model is not None else build_model(config, _num_outputs(config))
+  objective = make_objective(config, method, mesh)
+  erm = make_objective(config, "erm", mesh)
+  apply_train = _f32_outputs(objectives_lib.make_apply(module, train=True))
+  apply_eval = _f32_outputs(objectives_lib.make_apply(module, train=False))
+
+  data = Data(config, mesh, start_step=0)
+  steps, per_epoch = total_steps(config, data.train_examples)
+  schedule = optim.make_schedule(config, steps, per_epoch)
+  tx = optim.make_optimizer(config, schedule)
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  in_dtype = jnp.int32 if config.dataset.input_dtype == "int32" else jnp.float32
+  sample = jnp.zeros((1,) + tuple(config.dataset.input_shape), in_dtype)
+  key = jax.random.key(config.seed)
+  k_init, k_run = jax.random.split(key)
+
+  def init():
+    variables = ts.init_variables(module, k_init, sample)
+    return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
+
+  state = jax.jit(init, out_shardings=replicated)()
+  start = 0
+  if ckpt is not None:
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      start = int(state.step)
+      if int(meta.get("data", {}).get("step", start)) != start:
+        raise ValueError(f"checkpoint step {start} has data-iterator state {meta['data']}.")
+      if meta.get("method", method) != method:
+        raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
+                         f"not {method!r}; use another --workdir.")
+      writer.truncate(start)
+      _log(f"[{method}] resumed from step {start} in {workdir}")
+  if start and isinstance(data.train, input_pipeline.TrainIterator):
+    data.train.step = start  # A pure function of the step: nothing else to restore.
+  elif start:
+    data.train.close()
+    data = Data(config, mesh, start_step=start)
+
+  step_kwargs = dict(apply=apply_train, tx=tx, schedule=schedule, ema_decay=config.ema_decay,
+                     accum_steps=config.optimizer.grad_accum_steps)
+  jit_step = lambda obj: jax.jit(  # noqa: E731
+      functools.partial(ts.train_step, objective=obj, **step_kwargs),
+      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  p_step = jit_step(objective)
+  p_erm_step = jit_step(erm) if config.mix.erm_warmup_steps and method != "erm" else p_step
+  p_eval = jax.jit(functools.partial(
+      ts.eval_step, apply=apply_eval, num_classes=num_classes,
+      loss_fn=getattr(erm, "loss_fn"), to_logits=getattr(erm, "to_logits")),
+      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  def evaluate(variables) -> dict[str, float]:
+    sums = None
+    for batch in data.eval_batches():
+      out = p_eval(variables, _global(batch, batch_sharding))
+      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    n = max(float(sums["count"]), 1.0)
+    return {"loss": float(sums["loss"]) / n, "top1": float(sums["top1"]) / n,
+            "top5": float(sums["top5"]) / n}
+
+  def run_eval(step: int) -> dict[str, Any]:
+    out = {"eval": evaluate({"params": state.params, **state.model_state})}
+    record = {k: v for k, v in out["eval"].items()}
+    if config.ema_decay:
+      out["eval_ema"] = evaluate({"params": state.ema_params, **state.ema_model_state})
+      record.update({f"ema_{k}": v for k, v in out["eval_ema"].items()})
+    writer.write(step, "eval", record)
+    return out
+
+  last = min(steps, max_steps) if max_steps else steps
+  preempt = _Preemption()
+  preempt.install()
+  bar = metrics_writer.ProgressBar(last, start, desc=method, enabled=config.progress_bar)
+  pending: list[tuple[int, dict]] = []
+  result: dict[str, Any] = {"method": method, "preempted": False, "total_steps": steps}
+  t_log, n_images = time.time(), 0
+  skipped_steps: list[int] = []
+
+  def flush() -> None:
+    """Fetches pending metrics, stops on non-finite steps, writes the train record."""
+    nonlocal t_log, n_images
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    steps_done = [s for s, _ in pending]
+    pending.clear()
+    for s, m in zip(steps_done, fetched):
+      if not m["finite"]:
+        if config.nan_policy == "stop":
+          raise FloatingPointError(
+              f"[{method}] non-finite loss or gradient at step {s} (loss={float(m['loss'])}); "
+              "stopping without saving (the last checkpoint is intact). Set "
+              "config.nan_policy='skip' to drop such steps instead.")
+        skipped_steps.append(s)
+        bar.write(f"[{method}] step {s}: non-finite loss/gradient, update skipped.")
+    now = time.time()
+    record = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
+    record["images_per_s"] = n_images / max(now - t_log, 1e-9)
+    record["epoch"] = (steps_done[-1] + 1) / per_epoch
+    t_log, n_images = now, 0
+    writer.write(steps_done[-1] + 1, "train", record)
+    bar.update(0, {"loss": record["loss"], "img/s": round(record["images_per_s"])})
+
+  def save(step: int) -> None:
+    if ckpt is not None:
+      flush()
+      ckpt.save(step, state, {"step": step, "method": method, "data": {"step": step},
+                              "config": config.to_json()})
+
+  try:
+    step = start
+    while step < last:
+      stop = (preempt.requested if jax.process_count() == 1
+              else _any_process(preempt.requested, step, config))
+      if stop:
+        flush()
+        save(step)
+        result["preempted"] = True
+        bar.write(f"[{method}] SIGTERM: saved step {step}, exiting.")
+        break
+      batch = _global(next(data.train), batch_sharding)
+      fn = p_erm_step if step < config.mix.erm_warmup_steps else p_step
+      state, metrics = fn(state, batch)
+      pending.append((step, metrics))
+      n_images += config.batch_size
+      step += 1
+      bar.update(1)
+      if on_step is not None:
+        on_step(step)
+      if step % config.log_every_steps == 0 or step == last:
+        flush()
+      if ckpt is not None and (step % config.checkpoint_every_steps == 0 or step == last):
+        save(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step != last:
+        run_eval(step)
+    flush()
+    if not result["preempted"]:
+      result.update(run_eval(step))
+    result["step"] = step
+    result["skipped_steps"] = skipped_steps
+    result["state"] = state
+    result["train"] = next((r for r in reversed(writer.records) if r["kind"] == "train"), {})
+  finally:
+    preempt.uninstall()
+    bar.close()
+    data.train.close()
+    if ckpt is not None:
+      ckpt.close()
+    writer.close()
+  return result
+
+
+def _any_process(flag: bool, step: int, config) -> bool:
+  """Multi-host: agree on preemption every log interval (all processes save together)."""
+  if jax.process_count() == 1 or step % config.log_every_steps:
+    return False
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _log(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None, *,
+                       model: Any = None, max_steps: Optional[int] = None,
+                       on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+  """Validates `config` and trains each of its methods in turn; returns their results."""
+  config_utils.validate(config)
+  runs = config_utils.methods(config)
+  if model is None:  # Build once up front: bad model kwargs fail before anything compiles.
+    build_model(config, _num_outputs(config))
+  results = []
+  for method in runs:
+    sub = os.path.join(workdir, method) if workdir and len(runs) > 1 else workdir
+    res = train_one(config, method, sub, model=model, max_steps=max_steps, on_step=on_step)
+    results.append(res)
+    if res["preempted"]:
+      break
+    msg = f"[{method}] step {res['step']}: test accuracy {100 * res['eval']['top1']:.2f}%"
+    if "eval_ema" in res:
+      msg += f" (EMA {100 * res['eval_ema']['top1']:.2f}%)"
+    _log(msg)
+  if len(results) > 1 and jax.process_index() == 0:
+    print("\nFinal test accuracy:")
+    for r in results:
+      print(f"  {r['method']:>20s}: {100 * r['eval']['top1']:.2f}%")
+  return results
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """Parses the command line into a validated config and the other flags."""
+  rest, overrides = config_utils.split_argv(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help="config file, optionally with ':arg' (default: configs/digits.py)")
+  parser.add_argument("--workdir", default=None,
+                      help="checkpoints and logs; an existing checkpoint is resumed")
+  parser.add_argument("--max_steps", type=int, default=None,
+                      help="stop after this step (schedules still use config.total_steps)")
+  parser.add_argument("--coordinator_address", default=None)
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  args = parser.parse_args(rest)
+  config = config_utils.apply_overrides(config_utils.load_config(args.config), overrides)
+  config_utils.validate(config)
+  return config, args
+
+
+def main(argv: Sequence[str]) -> int:
+  try:
+    config, args = parse_args(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.coordinator_address or os.environ.get("MIXJAX_DISTRIBUTED"):
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  try:
+    train_and_evaluate(config, args.workdir, max_steps=args.max_steps)
+  except (ValueError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
