@@ -39,3 +39,23 @@ def test_api_reference_builds_without_warnings(tmp_path):
   api = (tmp_path / "site" / "api" / "index.html").read_text()
   for name in ["sample_beta", "mix_batch", "mix_at", "negative_cosine", "get_objective"]:
     assert name in api
+
+
+def _train_commands():
+  import shlex
+  for path in DOCS:
+    text = path.read_text().replace("\\\n", " ")
+    for m in re.finditer(r"python train\.py([^\"\n`]*)", text):
+      args = shlex.split(m.group(1))
+      if "..." not in args:
+        yield pytest.param(args, id=f"{path.name}:{' '.join(args)[:60]}")
+
+
+@pytest.mark.parametrize("args", list(_train_commands()))
+def test_documented_train_commands_parse(args):
+  # Every `python train.py ...` line in the docs names real configs and valid overrides.
+  import sys
+  sys.path.insert(0, str(ROOT))
+  import train
+  config, _ = train.parse_args(args)
+  assert config.batch_size > 0
