@@ -184,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['input']} | {r['step_ms']:.2f} | {r['examples_per_s']:.1f} | "
-          f"{_fmt(r['fwd_gflops_per_example'], '.3f')} | {_fmt(r['xla_step_gflops'], '.1f')} | "
+          f"{_fmt(r['fwd_gflops_per_example'], '.4g')} | {_fmt(r['xla_step_gflops'], '.4g')} | "
           f"{_fmt(r['model_tflops_per_s'], '.2f')} | {_fmt(r['mfu'], '.1%')} |")
   if args.json:
     with open(args.json, "w") as f:

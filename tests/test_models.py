@@ -472,3 +472,29 @@ def test_digits_cnn_reaches_95_percent_on_sklearn_digits():
     params, stats, opt = step(params, stats, opt, xtr[i], ytr[i])
   logits = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(xte))
   assert float(np.mean(np.argmax(logits, -1) == yte)) >= 0.95
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_every_config_names_a_model_and_one_of_its_mixing_points():
+  import glob
+  import os
+
+  from mixjax import config_utils
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  specs = [p for p in sorted(glob.glob(os.path.join(root, "*.py")))
+           if not os.path.basename(p).startswith("_")]
+  specs += [os.path.join(root, "sst2_cnn.py") + ":point=sent",
+            os.path.join(root, "sst2_lstm.py") + ":point=sent"]
+  assert len(specs) > 10
+  for spec in specs:
+    c = config_utils.load_config(spec)
+    model = models.get_model(c.model.name, num_classes=c.dataset.num_classes,
+                              **dict(c.model.kwargs))
+    if c.mix.point is not None:
+      assert c.mix.point in model.mixing_points, (spec, c.mix.point)
+    if c.model.name in ("resnet50", "vit_b16", "coatnet0", "digits_cnn", "preact_resnet18"):
+      shape = tuple(c.dataset.input_shape)
+      out, _ = shapes_of(model, jax.ShapeDtypeStruct((2,) + shape, jnp.float32))
+      assert out.shape == (2, c.dataset.num_classes), spec

@@ -17,6 +17,7 @@ Token ids cannot be mixed: there is no 'input' point.
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ class Embeddings:
   """A fixed initial embedding matrix f32[vocab, dim], hashable by identity (a module attribute)."""
 
   def __init__(self, table: Any):
-    if isinstance(table, str):
+    if isinstance(table, (str, os.PathLike)):
       table = np.load(table)
     table = np.asarray(table, np.float32)
     if table.ndim != 2 or not np.all(np.isfinite(table)):

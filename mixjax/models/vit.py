@@ -85,7 +85,10 @@ class EncoderBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Images f[B, H, W, C] -> tokens f[B, 1 + HW/p^2, D] (class token first, position embeddings added)."""
+  """Images f[B, H, W, C] -> tokens f[B, 1 + HW/p^2, D] with position embeddings.
+
+  The class token (when `class_token`) comes first.
+  """
   patch_size: int
   hidden_size: int
   class_token: bool = True
