@@ -94,6 +94,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   kwargs = dict(config.model.kwargs)
   if config.model.dtype != "float32":
     kwargs["dtype"] = _DTYPES[config.model.dtype]
+  if config.dataset.input_dtype == "int32":  # Text: the embedding table covers the vocabulary.
+    kwargs.setdefault("vocab_size", config.dataset.vocab_size)
   try:
     return get_model(config.model.name, num_classes=num_classes, **kwargs)
   except TypeError as e:
