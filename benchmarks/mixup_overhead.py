@@ -96,11 +96,19 @@ def main(argv=None):
       "mixup (per-batch lam)": objectives.mixup(policies.mixup(0.2, per_example=False),
                                                 num_classes=args.num_classes),
   }
-  rows = []
-  for name, obj in methods.items():
-    step = make_step(model, obj, tx)
-    t = _time(step, (params, model_state, opt_state, x, y, jax.random.key(3)), args.steps)
-    rows.append((name, t))
+  # Steps of all methods are interleaved round by round, so a change in machine
+  # load hits every method alike; each figure is the median over the rounds.
+  args_ = (params, model_state, opt_state, x, y, jax.random.key(3))
+  steps = {name: make_step(model, obj, tx) for name, obj in methods.items()}
+  for fn in steps.values():
+    jax.block_until_ready(fn(*args_))
+  times = {name: [] for name in steps}
+  for _ in range(args.steps):
+    for name, fn in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args_))
+      times[name].append(time.perf_counter() - t0)
+  rows = [(name, float(np.median(t))) for name, t in times.items()]
   base = rows[0][1]
   print(f"device: {jax.devices()[0].device_kind}  model: {args.model}  batch: {args.batch}  "
         f"image: {args.image_size}  dtype: {args.dtype}")
