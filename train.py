@@ -117,8 +117,19 @@ def make_objective(config: ml_collections.ConfigDict, method: str,
       method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
       per_example=m.per_example, pairing=m.pairing, point=m.point,
       label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
-      interpolate=m.interpolate, amp=dict(config.amp), mixupe=dict(config.mixupe),
+      interpolate=m.interpolate, amp=dict(config.amp), mixupe=_mixupe_kwargs(config),
       mesh=mesh, axis_name="data")
+
+
+def _mixupe_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  kwargs = dict(config.mixupe)
+  kwargs["mean"] = None if kwargs["mean"] == "running" else kwargs["mean"]
+  return kwargs
+
+
+def _needs_running_mean(config: ml_collections.ConfigDict, method: str) -> bool:
+  return ("mixupe" in method.split("+") and config.mixupe.exact
+          and config.mixupe.mean == "running")
 
 
 class Data:
@@ -219,6 +230,9 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
 
   def init():
     variables = ts.init_variables(module, k_init, sample)
+    if _needs_running_mean(config, method):  # E[x'] of exact MixupE, kept in the model state.
+      from mixjax import mixupe
+      variables = {**variables, **mixupe.init_running_mean(sample.astype(jnp.float32))}
     return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
 
   state = jax.jit(init, out_shardings=replicated)()

@@ -1,13 +1,17 @@
 """mixjax: the mixup family of regularizers for JAX and Flax."""
 
+from mixjax import amp
+from mixjax import attacks
 from mixjax import checks
 from mixjax import hidden
 from mixjax import losses
 from mixjax import mixing
+from mixjax import mixupe
 from mixjax import objectives
 from mixjax import pairing
 from mixjax import policies
 from mixjax import sampling
+from mixjax import theory
 from mixjax.hidden import mix_at, module_paths, nnx_mix_at
 from mixjax.losses import (class_embeddings, mixup_loss, negative_cosine, sigmoid_cross_entropy,
                            softmax_cross_entropy)

@@ -54,7 +54,14 @@ def base_config() -> ConfigDict:
       erm_warmup_steps=0,  # train with ERM for this many steps first.
   ))
   c.amp = ConfigDict(dict(eps=0.002, mode="full"))
-  c.mixupe = ConfigDict(dict(eta=1e-3))
+  c.mixupe = ConfigDict(dict(
+      eta=1e-3,
+      exact=False,         # exact q (JVP along E[x'] - x) instead of the approximation q^.
+      mean="running",      # E[x'] for exact q: 'running' (mean of training inputs) or 'batch'.
+      clean_pass="concat",  # clean batch concatenated with the mixed one, or 'separate'.
+      batch_stats="mixed",  # concat: batch-norm statistics of the mixed rows, or 'all'.
+      rho=1.0,             # fraction of the clean batch that estimates R.
+  ))
   c.model = ConfigDict(dict(
       name="digits_cnn",
       dtype="float32",     # compute dtype ('bfloat16': bf16 compute, f32 master weights).
@@ -270,6 +277,12 @@ def validate(config: ConfigDict) -> None:
   _choice("mix.pairing", config.mix.pairing, PAIRINGS)
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
+  _choice("amp.mode", config.amp.mode, ("full", "max", "rand"))
+  _choice("mixupe.mean", config.mixupe.mean, ("running", "batch"))
+  _choice("mixupe.clean_pass", config.mixupe.clean_pass, ("concat", "separate"))
+  _choice("mixupe.batch_stats", config.mixupe.batch_stats, ("mixed", "all"))
+  if not 0.0 < config.mixupe.rho <= 1.0:
+    raise ValueError(f"config.mixupe.rho must be in (0, 1], got {config.mixupe.rho}.")
   if config.dataset.name == "tfds" and not config.dataset.tfds_name:
     raise ValueError("config.dataset.tfds_name is required when dataset.name='tfds'.")
   if config.dataset.epoch_pairing and config.mix.pairing != "reverse":

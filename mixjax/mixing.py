@@ -1,8 +1,8 @@
 """Mixing of pytrees, label targets and whole batches.
 
 `lam` is a scalar f32[] or per-example f32[B]; it broadcasts over every
-non-batch axis of every leaf. Arithmetic is in float32 and the result keeps the
-dtype of the inputs (bf16 stays bf16), so the op reads each input once and
+non-batch axis of every leaf. Arithmetic is in float32 (float64 for float64
+inputs) and the result keeps the dtype of the inputs (bf16 stays bf16), so the op reads each input once and
 writes once: bandwidth-bound, and fused by XLA with the partner gather.
 """
 
@@ -23,7 +23,8 @@ PyTree = Any
 
 
 def _check_lam(lam: Any, batch: int) -> jax.Array:
-  lam = jnp.asarray(lam, jnp.float32) if not checks.is_traced(lam) else lam.astype(jnp.float32)
+  lam = jnp.asarray(lam)
+  lam = lam.astype(jnp.promote_types(lam.dtype, jnp.float32))  # f32, or f64 under x64.
   if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
     raise ValueError(
         f"lam must be a scalar or a per-example vector f32[{batch}], got shape {lam.shape}.")
@@ -33,7 +34,9 @@ def _check_lam(lam: Any, batch: int) -> jax.Array:
 
 def _mix_leaf(a: jax.Array, b: jax.Array, lam: jax.Array) -> jax.Array:
   lam = lam.reshape(lam.shape + (1,) * (a.ndim - lam.ndim))
-  af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+  compute = jnp.promote_types(a.dtype, jnp.float32)  # bf16 -> f32; f64 stays f64.
+  lam = lam.astype(compute)
+  af, bf = a.astype(compute), b.astype(compute)
   return (lam * af + (1.0 - lam) * bf).astype(a.dtype)
 
 

@@ -197,3 +197,11 @@ def test_global_permutation_needs_collectives():
                                                     num_classes=3))
   hlo = jitted.lower(jax.random.key(0), *sharded).compile().as_text()
   assert any(c in hlo for c in _COLLECTIVES)
+
+
+def test_float64_inputs_mix_in_float64():
+  with jax.enable_x64(True):
+    a = jnp.full((2, 3), 1.0 + 1e-12, jnp.float64)
+    out = mixing.mix(a, jnp.ones((2, 3), jnp.float64), jnp.array([0.5, 1.0], jnp.float64))
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(out)[1], 1.0 + 1e-12, rtol=0, atol=1e-15)
