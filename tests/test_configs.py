@@ -7,7 +7,6 @@ so each run costs a compile and two tiny steps.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -28,7 +27,6 @@ EXPECTED = {"imagenet_resnet50.py", "imagenet_vit_b16.py", "imagenet_coatnet0.py
             "fashion_mnist_preactresnet18.py", "mnist_preactresnet18.py",
             "speech_commands_vgg11.py", "uci_mlp.py", "trec_cnn.py", "sst2_cnn.py",
             "sst2_lstm.py", "digits.py"}
-HAVE_WRAPPERS = all(importlib.util.find_spec(f"mixjax.{m}") is not None for m in ("amp", "mixupe"))
 
 
 class TinyText(nn.Module):
@@ -57,29 +55,8 @@ def _load(name: str, extra=()):
                "log_every_steps=1", "schedule.warmup_steps=0", "schedule.warmup_epochs=0.0",
                "mix.erm_warmup_steps=0"]
   c = config_utils.apply_overrides(c, overrides + list(extra))
-  if not HAVE_WRAPPERS:  # mixjax.amp / mixjax.mixupe not written yet: use their base.
-    c.method = ",".join(m.replace("+amp", "").replace("+mixupe", "").replace("amp", "mixup")
-                        .replace("mixupe", "mixup") for m in config_utils.methods(c))
-  if c.dataset.input_dtype == "int32" and not _hidden_mixing_of_int_inputs():
-    c.method = "erm"  # The core rejects int inputs even when mixing at a hidden point.
   config_utils.validate(c)
   return c
-
-
-def _hidden_mixing_of_int_inputs() -> bool:
-  """Whether mixup at a hidden point accepts integer (token) inputs."""
-  import jax
-  from mixjax import objectives, policies
-  obj = objectives.mixup(policies.mixup(1.0), num_classes=2, point="embed")
-  model = TinyText()
-  tokens = jnp.zeros((4, 3), jnp.int32)
-  variables = model.init(jax.random.key(0), tokens)
-  try:
-    obj(objectives.make_apply(model), variables, tokens, jnp.zeros(4, jnp.int32),
-        jax.random.key(1))
-  except ValueError:
-    return False
-  return True
 
 
 def _model(c):
@@ -104,8 +81,7 @@ def test_config_trains_two_steps_on_synthetic_data(name):
       assert "eval_ema" in r
 
 
-METHODS = ["erm", "mixup", "untied", "dat"] + (["amp", "mixupe", "untied+amp+mixupe"]
-                                               if HAVE_WRAPPERS else [])
+METHODS = ["erm", "mixup", "untied", "dat", "amp", "mixupe", "untied+amp+mixupe"]
 
 
 def test_every_method_runs_on_a_recipe():
