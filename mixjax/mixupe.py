@@ -438,9 +438,20 @@ class MixupE:
     return per_example, out_c, out_dot, state
 
 
-def mixupe(objective: Any, alpha: float = 1.0, beta: Optional[float] = None, eta: float = 1e-3,
-           exact: bool = False, mean: Union[None, str, PyTree] = None,
+def mixupe(objective: Any, alpha: Optional[float] = None, beta: Optional[float] = None,
+           eta: float = 1e-3, exact: bool = False, mean: Union[None, str, PyTree] = None,
            clean_pass: str = "concat", batch_stats: str = "mixed", rho: float = 1.0,
            groups: Optional[int] = None) -> MixupE:
-  """MixupE around a `Mixup` or `Amp` objective (see `MixupE`)."""
+  """MixupE around a `Mixup` or `Amp` objective (see `MixupE`).
+
+  `alpha`, `beta`: the Beta(alpha, beta) of the mixing policy, for
+  E_{D_lam}[1 - lam]; by default read from the policy's `beta_params`.
+  """
+  base = amp_lib.mixup_base(objective)
+  if alpha is None and isinstance(base, objectives.Mixup):  # Other objectives fail in MixupE.
+    params = getattr(base.policy, "beta_params", None)
+    if params is None:
+      raise ValueError("mixupe needs alpha (and beta) of the mixing policy's Beta(alpha, beta): "
+                       "this policy does not carry `beta_params`, so pass them explicitly.")
+    alpha, beta = params
   return MixupE(objective, alpha, beta, eta, exact, mean, clean_pass, batch_stats, rho, groups)

@@ -1,6 +1,8 @@
 """Mixing policies: how the input and label coefficients of a batch are drawn.
 
-A policy is a function `policy(key, batch_size) -> Coefficients`. `x` is the
+A policy is a function `policy(key, batch_size) -> Coefficients`; the Beta-based
+ones carry `policy.beta_params = (a, b)`, the Beta(a, b) they draw from (MixupE
+reads it for E[1 - lam]). `x` is the
 coefficient of the example itself in the mixed input (`lam*x_i + (1-lam)*x_j`),
 `y` the weight of its own label in the target (`gamma(lam)` for Untied MixUp,
 1 for DAT, `lam` for mixup). Per-example policies give f32[B], per-batch ones a
@@ -49,6 +51,7 @@ def mixup(alpha: float, beta: Optional[float] = None, per_example: bool = True) 
   def policy(key: jax.Array, batch_size: int) -> Coefficients:
     lam = sampling.sample_beta(key, alpha, beta, _shape(batch_size, per_example))
     return Coefficients(lam, lam)
+  policy.beta_params = (float(alpha), float(alpha if beta is None else beta))
   return policy
 
 
@@ -63,6 +66,7 @@ def untied_mixup(a: float, b: float, per_example: bool = True) -> Policy:
   def policy(key: jax.Array, batch_size: int) -> Coefficients:
     lam = sampling.sample_untied(key, a, b, _shape(batch_size, per_example))
     return Coefficients(lam, sampling.untied_gamma(lam, a, b))
+  policy.beta_params = (float(a), float(b))
   return policy
 
 
@@ -87,6 +91,8 @@ def weighted(policy: Policy, gamma: Gamma) -> Policy:
     y = jnp.asarray(gamma(c.x), jnp.float32)
     checks.in_unit_interval("gamma(lam)", y)
     return Coefficients(c.x, y)
+  if hasattr(policy, "beta_params"):
+    new_policy.beta_params = policy.beta_params
   return new_policy
 
 

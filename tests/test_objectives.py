@@ -149,3 +149,16 @@ def test_hidden_mixing_accepts_token_ids():
   with pytest.raises(ValueError, match="int32"):  # Input mixing of token ids is an error.
     objectives.mixup(policies.mixup(1.0), num_classes=3)(
         objectives.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
+
+
+def test_mixupe_reads_the_policy_beta_params():
+  from mixjax import amp, mixupe
+  base = objectives.mixup(policies.untied_mixup(2.2, 0.9), num_classes=3)
+  m = mixupe.mixupe(amp.amp(base))
+  assert (m.alpha, m.beta) == (2.2, 0.9)
+  assert policies.dat(0.4).beta_params == (0.4, 0.4)
+  custom = objectives.mixup(lambda k, b: policies.Coefficients(jnp.ones(b), jnp.ones(b)),
+                            num_classes=3)
+  with pytest.raises(ValueError, match="alpha"):
+    mixupe.mixupe(custom)
+  assert mixupe.mixupe(custom, alpha=0.5).alpha == 0.5
