@@ -522,13 +522,22 @@ def _import_tfds():
 
 def _tfds_builder(dcfg: Any):
   tf, tfds = _import_tfds()
-  builder = tfds.builder(dcfg.tfds_name, data_dir=dcfg.data_dir)
+  where = dcfg.data_dir or "~/tensorflow_datasets"
+  build = (f"run `tfds build {dcfg.tfds_name} --data_dir <dir>` (or prepare it with your own "
+           "builder) and set config.dataset.data_dir")
   try:
-    builder.info.splits[dcfg.train_split]  # noqa: B018
-  except Exception as e:
-    raise ValueError(f"TFDS dataset {dcfg.tfds_name!r} is not prepared in "
-                     f"{dcfg.data_dir or '~/tensorflow_datasets'}: run `tfds build "
-                     f"{dcfg.tfds_name} --data_dir <dir>` and set config.dataset.data_dir.") from e
+    builder = tfds.builder(dcfg.tfds_name, data_dir=dcfg.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset.tfds_name={dcfg.tfds_name!r} is neither a TFDS catalogue "
+                     f"name nor a dataset prepared in {where}: {build}.") from e
+  splits = dict(builder.info.splits)
+  if not splits:
+    raise ValueError(f"TFDS dataset {dcfg.tfds_name!r} is not prepared in {where}: {build}.")
+  for key in ("train_split", "eval_split"):
+    base = dcfg[key].split("[")[0]
+    if base not in splits:
+      raise ValueError(f"config.dataset.{key}={dcfg[key]!r} is not a split of TFDS "
+                       f"{dcfg.tfds_name!r}; its splits are {sorted(splits)}.")
   return tf, tfds, builder
 
 
@@ -545,6 +554,22 @@ def _tfds_text(dcfg: Any) -> dict[str, ArrayDataset]:
     return labels, texts
   return _text_splits(read(dcfg.train_split), read(dcfg.eval_split), dcfg.vocab_size,
                       dcfg.input_shape[0], dcfg.num_classes)
+
+
+def _check_image_shape(builder: Any, dcfg: Any) -> None:
+  """ValueError, before any reading, if the stored images cannot become `input_shape`."""
+  feature = builder.info.features["image"] if "image" in builder.info.features else None
+  if feature is None or dcfg.augment == "inception":
+    return
+  stored, want = tuple(feature.shape), tuple(dcfg.input_shape)
+  if None in stored[:2]:
+    raise ValueError(f"TFDS {dcfg.tfds_name!r} has images of varying size {stored}: set "
+                     "config.dataset.augment='inception' (random-resized crop for training, "
+                     "centre crop for evaluation), which resizes them to input_shape.")
+  if stored[:2] != want[:2] or (stored[2] is not None and stored[2] != want[2]):
+    raise ValueError(f"config.dataset.input_shape={want} but TFDS {dcfg.tfds_name!r} stores "
+                     f"images of shape {stored}: set input_shape to match, or "
+                     "augment='inception' to crop and resize.")
 
 
 def tfds_num_examples(dcfg: Any, split: str) -> int:
@@ -628,6 +653,7 @@ class TfdsTrainIterator:
   def __init__(self, dcfg: Any, global_batch: int, *, seed: int, process_index: int = 0,
                process_count: int = 1, start_step: int = 0, shuffle_buffer: int = 50_000):
     tf, tfds, builder = _tfds_builder(dcfg)
+    _check_image_shape(builder, dcfg)
     split = tfds.split_for_jax_process(dcfg.train_split, process_index=process_index,
                                        process_count=process_count)
     read = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True)
@@ -660,6 +686,7 @@ def tfds_eval_batches(dcfg: Any, global_batch: int, *, process_index: int = 0,
                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """TFDS eval batches for this process, padded, with 'mask'."""
   tf, tfds, builder = _tfds_builder(dcfg)
+  _check_image_shape(builder, dcfg)
   split = tfds.split_for_jax_process(dcfg.eval_split, process_index=process_index,
                                      process_count=process_count, drop_remainder=False)
   decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None

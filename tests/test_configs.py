@@ -1,7 +1,8 @@
 """Every config in configs/ loads, validates, and trains 2 steps on synthetic data (CPU).
 
-Inputs are shrunk by overrides (16x16 images, 12-token sentences, batch 16)
-so each run costs a compile and two tiny steps.
+Each recipe runs its own backbone and mixing point, shrunk by overrides
+(`model.kwargs` for width and depth, 16x16 or 32x32 images, 12-token
+sentences, batch 16), so each run costs a compile and two tiny steps.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import glob
 import os
 
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,24 +28,37 @@ EXPECTED = {"imagenet_resnet50.py", "imagenet_vit_b16.py", "imagenet_coatnet0.py
             "sst2_lstm.py", "digits.py"}
 
 
-class TinyText(nn.Module):
-  """Stand-in text model with the recipes' mixing points 'embed' and 'sentence'."""
-  num_classes: int = 2
+# The recipes' own backbones, shrunk through `model.kwargs` (the same names and
+# mixing points, a fraction of the width and depth).
+TINY_KWARGS = {
+    "resnet": dict(width=4, stage_sizes=(1, 1, 1, 1)),
+    "preact_resnet": dict(width=4, stage_sizes=(1, 1, 1, 1)),
+    "wrn": dict(depth=10, widen_factor=1),
+    "vit": dict(patch_size=4, hidden_size=16, depth=2, num_heads=2, mlp_dim=32),
+    "coatnet": dict(num_blocks=(1, 1, 1, 1, 1), channels=(8, 8, 8, 32, 32)),
+    "vgg": dict(width=4, hidden_size=8),
+    "kim_cnn": dict(word_dim=8, num_filters=4),
+    "bilstm_attention": dict(word_dim=8, hidden_size=4),
+    "mlp": dict(hidden_sizes=(16, 16)),
+    "digits_cnn": {},
+}
+# Input sizes the shrunk models take (CoAtNet and VGG downsample 32x).
+TINY_IMAGE = {"coatnet": 32, "vgg": 32}
 
-  @nn.compact
-  def __call__(self, tokens, train: bool = False):
-    h = nn.Embed(64, 8, name="embed")(tokens)
-    h = nn.Dense(8, name="sentence")(jnp.mean(h, axis=1))
-    return nn.Dense(self.num_classes)(nn.relu(h))
+
+def _family(name: str) -> str:
+  return next(f for f in sorted(TINY_KWARGS, key=len, reverse=True) if name.startswith(f))
 
 
 def _load(name: str, extra=()):
   c = config_utils.load_config(os.path.join(lib.ROOT, "configs", name))
   shape = tuple(c.dataset.input_shape)
+  family = _family(c.model.name)
   if c.dataset.input_dtype == "int32":
     small = (12,)
   elif len(shape) == 3:
-    small = (16, 16, shape[-1])
+    side = TINY_IMAGE.get(family, 16)
+    small = (side, side, shape[-1])
   else:
     small = shape
   overrides = ["dataset.name=synthetic", f"dataset.input_shape={small}", "batch_size=16",
@@ -54,16 +66,10 @@ def _load(name: str, extra=()):
                "dataset.eval_examples=16", "dataset.vocab_size=64", "progress_bar=False",
                "log_every_steps=1", "schedule.warmup_steps=0", "schedule.warmup_epochs=0.0",
                "mix.erm_warmup_steps=0"]
+  overrides += [f"model.kwargs.{k}={v}" for k, v in TINY_KWARGS[family].items()]
   c = config_utils.apply_overrides(c, overrides + list(extra))
   config_utils.validate(c)
   return c
-
-
-def _model(c):
-  outputs = c.mix.cosine_dim if c.mix.loss == "cosine" else c.dataset.num_classes
-  if c.dataset.input_dtype == "int32":
-    return TinyText(num_classes=outputs)
-  return lib.TinyMLP(num_classes=outputs)
 
 
 def test_all_recipes_present():
@@ -73,7 +79,7 @@ def test_all_recipes_present():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_trains_two_steps_on_synthetic_data(name):
   c = _load(name)
-  results = train.train_and_evaluate(c, None, model=_model(c))
+  results = train.train_and_evaluate(c, None)
   for r in results:
     assert r["step"] == 2
     assert np.isfinite(r["train"]["loss"]) and 0.0 <= r["eval"]["top1"] <= 1.0
@@ -86,7 +92,7 @@ METHODS = ["erm", "mixup", "untied", "dat", "amp", "mixupe", "untied+amp+mixupe"
 
 def test_every_method_runs_on_a_recipe():
   c = _load("cifar10_preactresnet18.py:paper=untied", ["method=" + ",".join(METHODS)])
-  results = train.train_and_evaluate(c, None, model=_model(c))
+  results = train.train_and_evaluate(c, None)
   assert [r["method"] for r in results] == METHODS
   assert all(np.isfinite(r["train"]["loss"]) for r in results)
 
