@@ -42,6 +42,7 @@ from mixjax import input_pipeline
 from mixjax import metrics_writer
 from mixjax import objectives as objectives_lib
 from mixjax import optim
+from mixjax import sharding
 from mixjax import train_step as ts
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
@@ -71,16 +72,12 @@ class _Preemption:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """A 1-D mesh with axis 'data' over `config.mesh_data` devices (-1: all).
-
-  Parameters are replicated (pure data parallelism; no 'model' axis).
-  """
-  devices = jax.devices()
-  n = len(devices) if config.mesh_data in (-1, 0) else config.mesh_data
-  if n > len(devices) or (jax.process_count() > 1 and n != len(devices)):
-    raise ValueError(f"config.mesh_data={config.mesh_data}: {len(devices)} devices available "
-                     "(multi-host runs must use all of them).")
-  return Mesh(np.asarray(devices[:n]), ("data",))
+  """The ('data', 'fsdp') mesh of `config.mesh_data` x `config.mesh_fsdp` devices."""
+  try:
+    return sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
+  except ValueError as e:
+    raise ValueError(f"config.mesh_data={config.mesh_data}, config.mesh_fsdp="
+                     f"{config.mesh_fsdp}: {e}") from e
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -112,13 +109,14 @@ def make_objective(config: ml_collections.ConfigDict, method: str,
                    mesh: Optional[Mesh]) -> objectives_lib.Objective:
   """The objective of `method` from `config.mix`, `config.amp`, `config.mixupe`."""
   m = config.mix
+  axis_name = sharding.batch_axes(mesh) if mesh is not None else "data"
   mesh = mesh if m.shard_local else None
   return objectives_lib.get_objective(
       method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
       per_example=m.per_example, pairing=m.pairing, point=m.point,
       label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
       interpolate=m.interpolate, amp=dict(config.amp), mixupe=_mixupe_kwargs(config),
-      mesh=mesh, axis_name="data")
+      mesh=mesh, axis_name=axis_name)
 
 
 def _mixupe_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -138,7 +136,7 @@ class Data:
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, start_step: int):
     d = config.dataset
     self.shape = tuple(d.input_shape)
-    groups = mesh.shape["data"] if config.mix.shard_local else 1
+    groups = sharding.num_batch_shards(mesh) if config.mix.shard_local else 1
     pidx, pcount = jax.process_index(), jax.process_count()
     self.eval_batch = _round_up(config.eval_batch_size or config.batch_size, mesh.size)
     if d.name == "tfds" and d.input_dtype != "int32":
@@ -222,7 +220,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   tx = optim.make_optimizer(config, schedule)
 
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
   in_dtype = jnp.int32 if config.dataset.input_dtype == "int32" else jnp.float32
   sample = jnp.zeros((1,) + tuple(config.dataset.input_shape), in_dtype)
   key = jax.random.key(config.seed)
@@ -235,7 +233,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       variables = {**variables, **mixupe.init_running_mean(sample.astype(jnp.float32))}
     return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
 
-  state = jax.jit(init, out_shardings=replicated)()
+  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))
+  state = jax.jit(init, out_shardings=state_sharding)()
   start = 0
   if ckpt is not None:
     restored = ckpt.restore_latest(state)
@@ -259,14 +258,14 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
                      accum_steps=config.optimizer.grad_accum_steps)
   jit_step = lambda obj: jax.jit(  # noqa: E731
       functools.partial(ts.train_step, objective=obj, **step_kwargs),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
   p_step = jit_step(objective)
   p_erm_step = jit_step(erm) if config.mix.erm_warmup_steps and method != "erm" else p_step
   p_eval = jax.jit(functools.partial(
       ts.eval_step, apply=apply_eval, num_classes=num_classes,
       loss_fn=getattr(erm, "loss_fn"), to_logits=getattr(erm, "to_logits")),
-      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+      out_shardings=replicated)  # Inputs keep their shardings (state's, batch_sharding).
 
   def evaluate(variables) -> dict[str, float]:
     sums = None

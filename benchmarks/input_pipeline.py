@@ -6,7 +6,12 @@
    the NumPy pipeline on synthetic uint8-range float images, one CPU core
    (this process, single-threaded NumPy): images/s per core. Also CIFAR
    pad-crop-flip at 32x32.
-2. Train-step throughput on synthetic data for each method, as images/s and
+2. The TFDS path as `train.py` runs it for ImageNet (tf.data: read TFRecords,
+   decode JPEG, Inception crop, flip, normalise, batch) on a JPEG dataset of
+   `--tfds_images` photo-like images of 300-500 px written to a temporary
+   folder, with a private tf.data thread pool of 1 thread: images/s per core
+   (skipped without the `[data]` extra).
+3. Train-step throughput on synthetic data for each method, as images/s and
    as a ratio to ERM (small CNN, or `--model NAME` from mixjax.models).
 """
 
@@ -38,6 +43,47 @@ def bench_augment(size: int, batch: int, repeats: int) -> list[tuple[str, float]
       ip.augment_batch(x, kind, rng, out)
     rows.append((name, batch * repeats / (time.perf_counter() - t)))
   return rows
+
+
+def bench_tfds(size: int, batch: int, n_images: int, batches: int) -> list[tuple[str, float]]:
+  """images/s of `TfdsTrainIterator` (ImageNet path) with one tf.data thread."""
+  import tempfile
+  try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+  except ImportError:
+    return []
+  from mixjax import config_utils
+  from mixjax import input_pipeline as ip
+  rng = np.random.default_rng(0)
+
+  def photo():  # Smooth content (upsampled noise) compresses and decodes like a photo.
+    h, w = (int(v) for v in rng.integers(300, 500, 2))
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+    big = np.repeat(np.repeat(small, 16, 0), 16, 1)[:h, :w]
+    return np.clip(big + rng.integers(-8, 9, big.shape), 0, 255).astype(np.uint8)
+
+  images = [photo() for _ in range(n_images)]
+  gen = lambda: ({"image": im, "label": i % 10} for i, im in enumerate(images))  # noqa: E731
+  spec = {"image": tf.TensorSpec((None, None, 3), tf.uint8), "label": tf.TensorSpec((), tf.int64)}
+  features = tfds.features.FeaturesDict({"image": tfds.features.Image(encoding_format="jpeg"),
+                                         "label": tfds.features.ClassLabel(num_classes=10)})
+  with tempfile.TemporaryDirectory() as data_dir:
+    splits = {k: tf.data.Dataset.from_generator(gen, output_signature=spec)
+              for k in ("train", "validation")}
+    tfds.dataset_builders.TfDataBuilder(
+        name="bench_jpeg", config="default", version="1.0.0", data_dir=data_dir,
+        features=features, split_datasets=splits).download_and_prepare()
+    d = config_utils.base_config().dataset
+    d.update(dict(name="tfds", tfds_name="bench_jpeg", data_dir=data_dir,
+                  input_shape=(size, size, 3), augment="inception", num_classes=10, prefetch=1))
+    it = ip.TfdsTrainIterator(d, batch, seed=0, shuffle_buffer=256, threads=1)
+    next(it)  # warm-up: graph building, file opening
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    ips = batch * batches / (time.perf_counter() - t)
+  return [(f"tf.data JPEG 300-500px -> {size}", ips)]
 
 
 def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tuple[str, float]]:
@@ -97,11 +143,17 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--step_size", type=int, default=32, help="image size for the step benchmark")
   p.add_argument("--step_batch", type=int, default=64)
+  p.add_argument("--tfds_images", type=int, default=512)
+  p.add_argument("--tfds_batches", type=int, default=8)
   p.add_argument("--model", default="", help="mixjax.models name (default: a small CNN)")
   a = p.parse_args(argv)
   print(f"Augmentation, NumPy, 1 core (batch {a.batch}):")
   print(f"  {'pipeline':32s} {'images/s/core':>14s}")
   for name, ips in bench_augment(a.size, a.batch, a.repeats):
+    print(f"  {name:32s} {ips:14.1f}")
+  rows = bench_tfds(a.size, a.batch, a.tfds_images, a.tfds_batches)
+  print(f"\nTFDS ImageNet path, tf.data with 1 thread (batch {a.batch}):")
+  for name, ips in rows or [("skipped: pip install -e '.[data]'", float("nan"))]:
     print(f"  {name:32s} {ips:14.1f}")
   import jax
   print(f"\nTrain step on synthetic {a.step_size}x{a.step_size}x3, batch {a.step_batch}, "

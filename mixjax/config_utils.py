@@ -118,7 +118,8 @@ def base_config() -> ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.nan_policy = "stop"    # stop (error naming the step) or skip (drop the update).
-  c.mesh_data = -1         # devices on the 'data' axis; -1: all.
+  c.mesh_data = -1         # devices on the 'data' axis; -1: all not on 'fsdp'.
+  c.mesh_fsdp = 1          # devices each large parameter/optimizer array is split over.
   c.progress_bar = True
   return c
 
@@ -294,7 +295,7 @@ def validate(config: ConfigDict) -> None:
   positive = {"batch_size": config.batch_size, "mix.alpha": config.mix.alpha,
               "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
               "log_every_steps": config.log_every_steps,
-              "keep_checkpoints": config.keep_checkpoints,
+              "keep_checkpoints": config.keep_checkpoints, "mesh_fsdp": config.mesh_fsdp,
               "dataset.num_classes": config.dataset.num_classes}
   for name, value in positive.items():
     if not value > 0:

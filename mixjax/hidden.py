@@ -35,7 +35,7 @@ def normalize_path(path: Path) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def mix_at(path: Path, lam: Any, perm: jax.Array, *, mesh: Optional[Mesh] = None,
-           axis_name: str = "data") -> Iterator[None]:
+           axis_name: mixing.AxisName = "data") -> Iterator[None]:
   """Within the block, the linen submodule at `path` outputs its mixed output.
 
   The output `h` (f[B, ...] or a pytree) of every `__call__` of the submodule
@@ -116,7 +116,7 @@ def _set_child(parent, name, value):
 
 @contextlib.contextmanager
 def nnx_mix_at(model: Any, path: Path, lam: Any, perm: jax.Array, *,
-               mesh: Optional[Mesh] = None, axis_name: str = "data") -> Iterator[None]:
+               mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data") -> Iterator[None]:
   """Within the block, the `flax.nnx` submodule at `path` outputs its mixed output.
 
   `path` names attributes (and list indices) from `model`, e.g. 'blocks/2'.

@@ -651,7 +651,9 @@ class TfdsTrainIterator:
   """
 
   def __init__(self, dcfg: Any, global_batch: int, *, seed: int, process_index: int = 0,
-               process_count: int = 1, start_step: int = 0, shuffle_buffer: int = 50_000):
+               process_count: int = 1, start_step: int = 0, shuffle_buffer: int = 50_000,
+               threads: Optional[int] = None):
+    """`threads`: size of a private tf.data thread pool (default: TF's shared pool)."""
     tf, tfds, builder = _tfds_builder(dcfg)
     _check_image_shape(builder, dcfg)
     split = tfds.split_for_jax_process(dcfg.train_split, process_index=process_index,
@@ -661,6 +663,8 @@ class TfdsTrainIterator:
     ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read, decoders=decoders)
     opts = tf.data.Options()
     opts.deterministic = True
+    if threads:
+      opts.threading.private_threadpool_size = threads
     ds = ds.with_options(opts).repeat().shuffle(shuffle_buffer, seed=seed).enumerate()
     ds = ds.map(_tf_preprocess(tf, dcfg, True, seed), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch // process_count, drop_remainder=True).skip(start_step)

@@ -8,10 +8,11 @@ writes once: bandwidth-bound, and fused by XLA with the partner gather.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixjax import checks
@@ -20,6 +21,8 @@ from mixjax import policies
 from mixjax import sampling
 
 PyTree = Any
+# A mesh axis, or a tuple of axes the batch is split over jointly (e.g. ('data', 'fsdp')).
+AxisName = Union[str, tuple[str, ...]]
 
 
 def _check_lam(lam: Any, batch: int) -> jax.Array:
@@ -59,7 +62,7 @@ def mix(a: PyTree, b: PyTree, lam: Any) -> PyTree:
 
 
 def take(tree: PyTree, perm: jax.Array, *, mesh: Optional[Mesh] = None,
-         axis_name: str = "data") -> PyTree:
+         axis_name: AxisName = "data") -> PyTree:
   """Gathers `tree[perm]` along the batch axis of every leaf.
 
   With `mesh`, `perm` must be shard-local (see `pair`) and the gather runs per shard.
@@ -78,7 +81,7 @@ def take(tree: PyTree, perm: jax.Array, *, mesh: Optional[Mesh] = None,
 
 
 def mix_with_partner(tree: PyTree, perm: jax.Array, lam: Any, *, mesh: Optional[Mesh] = None,
-                     axis_name: str = "data") -> PyTree:
+                     axis_name: AxisName = "data") -> PyTree:
   """`lam * tree + (1 - lam) * tree[perm]` (see `mix`).
 
   With `mesh`, the batch axis is sharded over `mesh` axis `axis_name` and
@@ -157,7 +160,7 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
               policy: policies.Policy,
               pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
               num_classes: Optional[int] = None, label_smoothing: float = 0.0,
-              mesh: Optional[Mesh] = None, axis_name: str = "data") -> MixedBatch:
+              mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> MixedBatch:
   """Draws coefficients and partners and mixes a batch.
 
   Args:
@@ -169,7 +172,7 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
     num_classes: C, needed for integer labels.
     label_smoothing: applied to the targets before mixing.
     mesh, axis_name: with a mesh, the batch is taken as sharded over mesh axis
-      `axis_name`; pairing and mixing run inside each shard (`shard_map`), shard
+      `axis_name` (or jointly over a tuple of axes); pairing and mixing run inside each shard (`shard_map`), shard
       `g` pairing with key `fold_in(key_pair, g)`: equal to the single-device
       result with `pairing.grouped(pairing, num_shards)`, and no example moves
       between devices.
@@ -200,17 +203,25 @@ def _replicated(tree, mesh):
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
-def _num_shards(mesh: Mesh, axis_name: str, batch: int) -> int:
-  if axis_name not in mesh.shape:
-    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}.")
-  shards = mesh.shape[axis_name]
+def num_shards(mesh: Mesh, axis_name: AxisName) -> int:
+  """Devices along mesh axis `axis_name` (the product over a tuple of axes)."""
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  missing = [n for n in names if n not in mesh.shape]
+  if missing or not names:
+    raise ValueError(f"axis_name {axis_name!r} is not an axis (or tuple of axes) of the mesh "
+                     f"{dict(mesh.shape)}.")
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def _num_shards(mesh: Mesh, axis_name: AxisName, batch: int) -> int:
+  shards = num_shards(mesh, axis_name)
   if batch % shards:
     raise ValueError(f"batch size {batch} is not divisible by the {shards} shards of {axis_name!r}.")
   return shards
 
 
 def pair(key: jax.Array, labels: jax.Array, pairing: pairing_lib.Pairing, *,
-         mesh: Optional[Mesh] = None, axis_name: str = "data") -> jax.Array:
+         mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> jax.Array:
   """Partner indices int32[B] for class ids `labels` int32[B].
 
   With `mesh`, the pairing runs inside each shard of `axis_name` (shard `g` with

@@ -26,8 +26,9 @@ The clean pass:
   statistics from them only (via BatchNorm's `mask`), so the mixed rows see
   exactly what a mixup pass sees and every clean output is a function of its
   own example. batch_stats='all': statistics over all rows (mixed and clean).
-  Both rely on `flax.linen.intercept_methods`: for NNX or other non-linen
-  models with batch norm or dropout use clean_pass='separate'.
+  This holds for linen models (through `flax.linen.intercept_methods`) and for
+  NNX models run by `objectives.make_nnx_apply`; for other models with batch
+  norm or dropout (e.g. a hand-written `apply_fn`) use clean_pass='separate'.
 - clean_pass='separate': the mixed pass as the base runs it, then a clean
   pass in training mode (its own batch statistics, the final pass's dropout
   key, new batch statistics discarded). batch_stats must stay 'mixed' (the
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Union
 
@@ -195,31 +197,77 @@ class _Layout:
 
 @contextlib.contextmanager
 def _mixed_rows_only(layout: _Layout, batch_stats: str, clean_key: jax.Array):
-  """Linen BatchNorm: statistics of the mixed rows; Dropout: mixed rows as if alone."""
+  """BatchNorm: statistics of the mixed rows; Dropout: mixed rows as if alone.
+
+  Applies to linen `nn.BatchNorm` / `nn.Dropout` (through `nn.intercept_methods`)
+  and to NNX `nnx.BatchNorm` / `nnx.Dropout` of models run by
+  `objectives.make_nnx_apply` (through `objectives.nnx_call_hook`).
+  """
   total = layout.groups * layout.size
   calls = [0]
 
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name != "__call__" or not args:
-      return next_fun(*args, **kwargs)
-    x = args[0]
+  def rows(kind, next_fun, args, kwargs, rng_kwarg):
+    x = args[0] if args else None
     if not hasattr(x, "shape") or not x.shape or x.shape[0] != total:
       return next_fun(*args, **kwargs)
-    if isinstance(context.module, nn.BatchNorm) and batch_stats == "mixed":
+    if kind == "batch_norm" and batch_stats == "mixed":
       mask = layout.mixed_rows.reshape((total,) + (1,) * (x.ndim - 1))
       if kwargs.get("mask") is not None:
         mask = jnp.logical_and(mask, kwargs["mask"])
       return next_fun(*args, **{**kwargs, "mask": mask})
-    if isinstance(context.module, nn.Dropout):
+    if kind == "dropout":
       a, b = layout.split(x)
       out_a = next_fun(a, *args[1:], **kwargs)
       calls[0] += 1
-      out_b = next_fun(b, *args[1:], **{**kwargs, "rng": jax.random.fold_in(clean_key, calls[0])})
+      out_b = next_fun(b, *args[1:], **{**kwargs,
+                                        rng_kwarg: jax.random.fold_in(clean_key, calls[0])})
       return interleave(out_a, out_b, layout.groups)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(interceptor):
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
+            "dropout" if isinstance(context.module, nn.Dropout) else None)
+    return rows(kind, next_fun, args, kwargs, "rng")
+
+  with nn.intercept_methods(interceptor), objectives.nnx_call_hook(
+      lambda model: _nnx_rows(model, rows)):
     yield
+
+
+@contextlib.contextmanager
+def _nnx_rows(model: Any, rows: Callable[..., Any]):
+  """Routes the calls of the NNX BatchNorm and Dropout layers of `model` through `rows`."""
+  from flax import nnx
+  swapped = []
+  walk = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+  for _, sub in walk:
+    kind = ("batch_norm" if isinstance(sub, nnx.BatchNorm) else
+            "dropout" if isinstance(sub, nnx.Dropout) else None)
+    if kind is not None:
+      swapped.append((sub, type(sub)))
+      sub.__class__ = _routed_class(type(sub), kind)
+  _NNX_ROWS.append(rows)
+  try:
+    yield
+  finally:
+    _NNX_ROWS.pop()
+    for sub, cls in swapped:
+      sub.__class__ = cls
+
+
+_NNX_ROWS: list[Callable[..., Any]] = []  # The innermost active `rows` of `_nnx_rows`.
+
+
+@functools.cache
+def _routed_class(cls: type, kind: str) -> type:
+  """A subclass of an NNX layer class whose `__call__` goes through the active `rows`."""
+
+  def __call__(self, *args, **kwargs):
+    return _NNX_ROWS[-1](kind, functools.partial(cls.__call__, self), args, kwargs, "rngs")
+
+  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
 
 
 SUBSET_SALT = 0x6D78  # The clean subset is drawn with key fold_in(step key, SUBSET_SALT).
@@ -319,7 +367,7 @@ class MixupE:
 
   def _groups(self) -> int:
     m = self.mixup
-    shards = int(m.mesh.shape[m.axis_name]) if m.mesh is not None else None
+    shards = mixing.num_shards(m.mesh, m.axis_name) if m.mesh is not None else None
     if self.groups is not None and shards is not None and int(self.groups) != shards:
       raise ValueError(f"groups={self.groups} must equal the {shards} shards of the mesh axis "
                        f"{m.axis_name!r} (or be None).")

@@ -41,7 +41,7 @@ class MixSpec(NamedTuple):
   lam: jax.Array
   perm: jax.Array
   mesh: Optional[Mesh] = None
-  axis_name: str = "data"
+  axis_name: mixing.AxisName = "data"
 
 
 ApplyFn = Callable[..., tuple[Any, PyTree]]
@@ -86,6 +86,25 @@ def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
   return apply
 
 
+_NNX_HOOKS: list[Callable[[Any], Any]] = []
+
+
+@contextlib.contextmanager
+def nnx_call_hook(hook: Callable[[Any], Any]):
+  """While active, `make_nnx_apply`'s apply runs the model inside `hook(model)`.
+
+  `hook` takes the merged `nnx.Module` and returns a context manager; it is the
+  NNX counterpart of `flax.linen.intercept_methods` (MixupE uses it to route
+  the batch-norm and dropout layers of its concatenated pass). Like linen's
+  interceptors it acts while the apply function is traced.
+  """
+  _NNX_HOOKS.append(hook)
+  try:
+    yield
+  finally:
+    _NNX_HOOKS.remove(hook)
+
+
 def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
   """An `ApplyFn` and its initial variables for a `flax.nnx` model.
 
@@ -114,7 +133,9 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
     ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
                              axis_name=mix.axis_name)
            if mix is not None and mix.point is not None else contextlib.nullcontext())
-    with ctx:
+    with ctx, contextlib.ExitStack() as hooks:
+      for hook in list(_NNX_HOOKS):
+        hooks.enter_context(hook(m))
       out = m(inputs)
     _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
     return out, {"nnx_state": new_rest}
@@ -165,7 +186,7 @@ class Mixup:
   interpolate: bool = True
   label_smoothing: float = 0.0
   mesh: Optional[Mesh] = None
-  axis_name: str = "data"
+  axis_name: mixing.AxisName = "data"
   to_logits: Callable[[jax.Array], jax.Array] = _identity
 
   def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
@@ -215,7 +236,7 @@ def mixup(policy: policies.Policy, pairing: pairing_lib.Pairing = pairing_lib.ra
           loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
           num_classes: Optional[int] = None, point: Optional[str] = None,
           interpolate: bool = True, label_smoothing: float = 0.0,
-          mesh: Optional[Mesh] = None, axis_name: str = "data") -> Mixup:
+          mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data") -> Mixup:
   """A mixup-family objective (see `Mixup`)."""
   return Mixup(policy, pairing, loss_fn, num_classes, point, interpolate, label_smoothing,
                mesh, axis_name)
@@ -231,7 +252,7 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
                   label_smoothing: float = 0.0, loss: str = "softmax_xent",
                   cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
                   amp: Optional[dict] = None, mixupe: Optional[dict] = None,
-                  mesh: Optional[Mesh] = None, axis_name: str = "data") -> Objective:
+                  mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data") -> Objective:
   """Builds an objective from a method name such as 'mixup', 'amp', 'untied+amp+mixupe'.
 
   The name is '+'-joined: at most one base ('erm', 'mixup' (Beta(alpha, beta)),

@@ -4,6 +4,7 @@ import dataclasses
 
 import chex
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,10 +147,32 @@ class Net(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
-def _net_setup(b=16):
+class NnxNet(nnx.Module):
+  """`Net` in NNX: MixupE's concatenated pass routes nnx.BatchNorm and nnx.Dropout too."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(5, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(nnx.relu(self.bn(self.hidden(x)))))
+
+
+def _net_setup(b=16, framework="linen"):
   x, y = _zero_mean_batch(b, shift=0.5)
+  if framework == "nnx":
+    apply, v = objectives.make_nnx_apply(NnxNet(nnx.Rngs(0)), train=True)
+    return apply, v, x, y
   v = Net().init(jax.random.key(0), x)
   return objectives.make_apply(Net(), train=True), v, x, y
+
+
+def _bn_mean(state):
+  if "batch_stats" in state:
+    return state["batch_stats"]["bn"]["mean"]
+  return jax.tree_util.tree_leaves(state["nnx_state"]["bn"]["mean"])[0]
 
 
 def _run(obj, apply, v, x, y, key=jax.random.key(2)):
@@ -158,8 +181,9 @@ def _run(obj, apply, v, x, y, key=jax.random.key(2)):
   return loss, state, metrics, grads
 
 
-def test_clean_pass_concat_and_separate_with_batch_norm_and_dropout():
-  apply, v, x, y = _net_setup()
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_clean_pass_concat_and_separate_with_batch_norm_and_dropout(framework):
+  apply, v, x, y = _net_setup(framework=framework)
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
   ref_loss, ref_state, _, _ = _run(base, apply, v, x, y)
   concat = _run(mixupe.mixupe(base), apply, v, x, y)
@@ -174,8 +198,7 @@ def test_clean_pass_concat_and_separate_with_batch_norm_and_dropout():
     chex.assert_trees_all_close(got[1], ref_state, rtol=1e-5, atol=1e-7)
   # 'all': statistics over mixed and clean rows change both.
   assert abs(float(everything[2]["loss_mix"]) - float(ref_loss)) > 1e-4
-  assert not np.allclose(everything[1]["batch_stats"]["bn"]["mean"],
-                         ref_state["batch_stats"]["bn"]["mean"])
+  assert not np.allclose(_bn_mean(everything[1]), _bn_mean(ref_state))
   # Separate: the clean pass in training mode on its own (own statistics, same dropout key).
   _, k_drop = jax.random.split(jax.random.key(2))
   f, _ = apply(v, x, key=k_drop)
@@ -185,9 +208,10 @@ def test_clean_pass_concat_and_separate_with_batch_norm_and_dropout():
     assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(got[3]))
 
 
-def test_concat_clean_outputs_are_per_example():
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_concat_clean_outputs_are_per_example(framework):
   """With statistics from the mixed rows, perturbing one clean row leaves the others alone."""
-  apply, v, x, y = _net_setup(8)
+  apply, v, x, y = _net_setup(8, framework)
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
   layout = mixupe._Layout(8, 8, 1)
   draw = base.draw(jax.random.key(0), x, y)
