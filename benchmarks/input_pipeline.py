@@ -76,7 +76,8 @@ def bench_tfds(size: int, batch: int, n_images: int, batches: int) -> list[tuple
         features=features, split_datasets=splits).download_and_prepare()
     d = config_utils.base_config().dataset
     d.update(dict(name="tfds", tfds_name="bench_jpeg", data_dir=data_dir,
-                  input_shape=(size, size, 3), augment="inception", num_classes=10, prefetch=1))
+                  input_shape=(size, size, 3), augment="inception", num_classes=10, prefetch=1,
+                  eval_split="validation"))
     it = ip.TfdsTrainIterator(d, batch, seed=0, shuffle_buffer=256, threads=1)
     next(it)  # warm-up: graph building, file opening
     t = time.perf_counter()

@@ -167,8 +167,12 @@ def main(argv=None):
     applies["split"] = amp.make_split_apply(model, point=point)
 
   only = {s.strip() for s in args.only.split(",") if s.strip()}
+  rows = methods(args.num_classes, point, split_ok)
+  unknown = only - {name for name, _, _ in rows}
+  if unknown:
+    ap.error(f"--only {sorted(unknown)}: choose from {[name for name, _, _ in rows]}")
   names, steps = [], []
-  for name, obj, which in methods(args.num_classes, point, split_ok):
+  for name, obj, which in rows:
     if only and name not in only and name != "erm":
       continue
     names.append(name)

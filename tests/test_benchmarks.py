@@ -1,0 +1,84 @@
+"""Each benchmark script runs end to end at tiny sizes and prints a complete table.
+
+The figures themselves are not asserted (speed is for the benchmarks, not the
+tests); the tables must have every row, with finite positive numbers and ERM
+as the 1.0 reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(name: str):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+  """Markdown table rows {first cell: other cells} (header and rule rows dropped)."""
+  out = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("|") and not set(line) <= set("|-") and not cells[0] in ("method", "model"):
+      out[cells[0]] = cells[1:]
+  return out
+
+
+def _number(cell: str) -> float:
+  return float(re.match(r"[-+0-9.eE]+", cell.replace(",", "")).group(0))
+
+
+def test_mixup_overhead(capsys):
+  _main("mixup_overhead")(["--batch", "8", "--image-size", "8", "--steps", "2"])
+  rows = _rows(capsys.readouterr().out)
+  assert set(rows) == {"erm", "mixup", "mixup (per-batch lam)", "mixing op alone"}
+  assert _number(rows["erm"][1]) == 1.0
+  assert all(_number(r[0]) > 0 and math.isfinite(_number(r[1])) for r in rows.values())
+
+
+def test_methods_overhead(capsys):
+  _main("methods_overhead")(["--batch", "8", "--image-size", "8", "--steps", "1",
+                             "--only", "amp full,mixupe concat,mixupe rho=0.25"])
+  rows = _rows(capsys.readouterr().out)
+  assert set(rows) == {"erm", "amp full", "mixupe concat", "mixupe rho=0.25"}
+  assert _number(rows["erm"][1]) == 1.0
+  for name, cells in rows.items():
+    assert all(_number(c) > 0 for c in cells), (name, cells)
+  assert _number(rows["amp full"][4]) > 1.2  # XLA's FLOP count: AMP's extra passes are there.
+  with pytest.raises(SystemExit):
+    _main("methods_overhead")(["--only", "amp"])
+  assert "choose from" in capsys.readouterr().err
+
+
+def test_models_throughput(capsys):
+  _main("models_throughput")(["--models", "resnet18", "--batch", "8", "--image-size", "32",
+                              "--steps", "1", "--dtype", "float32", "--num-classes", "10"])
+  out = capsys.readouterr().out
+  assert "resnet18" in out
+  line = next(l for l in out.splitlines() if "resnet18" in l)
+  numbers = [float(v) for v in re.findall(r"\d+\.\d+|\d+", line.replace(",", ""))[1:]]
+  assert numbers and all(math.isfinite(v) for v in numbers) and max(numbers) > 0
+
+
+def test_input_pipeline(capsys):
+  pytest.importorskip("tensorflow_datasets")
+  _main("input_pipeline")(["--size", "64", "--batch", "4", "--repeats", "1", "--steps", "1",
+                           "--step_size", "8", "--step_batch", "8", "--tfds_images", "8",
+                           "--tfds_batches", "1"])
+  out = capsys.readouterr().out
+  for name in ("inception", "cifar pad-crop-flip", "tf.data JPEG", "erm", "mixup", "untied",
+               "dat"):
+    line = next(l for l in out.splitlines() if l.strip().startswith(name))
+    assert float(line.split()[-1]) > 0, line
