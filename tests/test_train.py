@@ -271,11 +271,16 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys, re
 # ----------------------------------------------------------------------------- multi-process
 
 
-def test_two_processes_match_one_process(tmp_path):
-  """2 processes x 2 CPU devices (jax.distributed, gloo) == 1 process x 4 devices."""
-  steps, port = 4, _free_port()
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_two_processes_match_one_process(tmp_path, fsdp):
+  """2 processes x 2 CPU devices (jax.distributed, gloo) == 1 process x 4 devices.
+
+  fsdp=2: mesh data=2 x fsdp=2, the large kernels split across the two processes.
+  """
+  steps, port, width = 4, _free_port(), 8 if fsdp == 1 else 64
   w2 = str(tmp_path / "two")
-  procs = [_spawn([w2, steps, "--mesh_data", 4, "--ckpt_every", 100, "--distributed",
+  procs = [_spawn([w2, steps, "--mesh_data", 4 // fsdp, "--mesh_fsdp", fsdp, "--width", width,
+                   "--ckpt_every", 100 if fsdp == 1 else 2, "--distributed",
                    f"127.0.0.1:{port}", 2, i], env_devices=2) for i in range(2)]
   outs = []
   try:
@@ -287,11 +292,13 @@ def test_two_processes_match_one_process(tmp_path):
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
+    want = "P(None, None, None, 'fsdp')" if fsdp == 2 else "P()"
+    assert f"LARGEST (3, 3, {width}, {width}) {want}" in out, out
   c = lib.tiny_config(steps)
   c.mesh_data = 4
   c.checkpoint_every_steps = 100
   w1 = str(tmp_path / "one")
-  one = train.train_one(c, c.method, w1, model=lib.TinyResNet())
+  one = train.train_one(c, c.method, w1, model=lib.TinyResNet(width=width))
   two_params = np.load(os.path.join(w2, "final_params.npy"))
   one_params = np.concatenate([np.asarray(x).ravel() for x in
                                jax.tree_util.tree_leaves(jax.device_get(one["state"].params))])

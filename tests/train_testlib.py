@@ -110,6 +110,8 @@ def main(argv):
   p.add_argument("--distributed", nargs=3, default=None)
   p.add_argument("--mesh_data", type=int, default=1)
   p.add_argument("--ckpt_every", type=int, default=4)
+  p.add_argument("--mesh_fsdp", type=int, default=1)
+  p.add_argument("--width", type=int, default=8)
   a = p.parse_args(argv)
   if a.distributed:
     addr, n, pid = a.distributed
@@ -117,14 +119,20 @@ def main(argv):
                                process_id=int(pid), initialization_timeout=60)
   import train
   c = tiny_config(a.steps)
-  c.mesh_data = a.mesh_data
+  c.mesh_data, c.mesh_fsdp = a.mesh_data, a.mesh_fsdp
   c.checkpoint_every_steps = a.ckpt_every
   on_step = (lambda s: time.sleep(a.sleep)) if a.sleep else None
-  res = train.train_one(c, c.method, a.workdir, model=TinyResNet(), on_step=on_step)
-  if jax.process_index() == 0 and not res["preempted"]:
-    leaves = jax.tree_util.tree_leaves(res["state"].params)
-    flat = np.concatenate([np.asarray(x.addressable_data(0)).ravel() for x in leaves])
-    np.save(os.path.join(a.workdir, "final_params.npy"), flat)
+  res = train.train_one(c, c.method, a.workdir, model=TinyResNet(width=a.width), on_step=on_step)
+  if not res["preempted"]:
+    from jax.experimental import multihost_utils
+    # FSDP leaves are split across processes: every process joins the gather.
+    leaves = multihost_utils.process_allgather(jax.tree_util.tree_leaves(res["state"].params),
+                                               tiled=True)
+    if jax.process_index() == 0:
+      flat = np.concatenate([np.asarray(x).ravel() for x in leaves])
+      np.save(os.path.join(a.workdir, "final_params.npy"), flat)
+  big = max(jax.tree_util.tree_leaves(res["state"].params), key=lambda x: x.size)
+  print("LARGEST", big.shape, big.sharding.spec, flush=True)
   print("DONE", res["step"], "preempted" if res["preempted"] else "", flush=True)
 
 
