@@ -22,13 +22,14 @@ Multi-host: pass `--coordinator_address host:port --num_processes N
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,22 @@ def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, 
   return jax.tree_util.tree_map(put, batch)
 
 
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays of this process's batches, `size` of them already sent to the devices.
+
+  The host-to-device copies of the next batches overlap the current step. The
+  data position stays the step number: batches fetched ahead of a preemption
+  are dropped and read again on resume.
+  """
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(_global(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, float]:
   """(total steps, steps per epoch) from config.total_steps or config.num_epochs."""
   per_epoch = train_examples / config.batch_size
@@ -326,6 +343,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.save(step, state, {"step": step, "method": method, "data": {"step": step},
                               "config": config.to_json()})
 
+  device_batches = prefetch_to_device(data.train, batch_sharding)
   try:
     step = start
     while step < last:
@@ -337,7 +355,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         result["preempted"] = True
         bar.write(f"[{method}] SIGTERM: saved step {step}, exiting.")
         break
-      batch = _global(next(data.train), batch_sharding)
+      batch = next(device_batches)
       fn = p_erm_step if step < config.mix.erm_warmup_steps else p_step
       state, metrics = fn(state, batch)
       pending.append((step, metrics))

@@ -114,3 +114,21 @@ def test_amp_and_mixupe_give_the_same_run_with_and_without_fsdp():
                          jax.device_get(plain["state"].params), jax.device_get(fsdp["state"].params))
   for k in ("loss", "amp_mask_frac", "mixupe_r"):
     np.testing.assert_allclose(plain["train"][k], fsdp["train"][k], rtol=1e-4)
+
+
+def test_prefetch_to_device_keeps_order_and_runs_ahead():
+  mesh = sharding.make_mesh()
+  pulled = []
+
+  def source():
+    for i in range(5):
+      pulled.append(i)
+      yield {"inputs": np.full((8, 2), i, np.float32)}
+
+  it = train.prefetch_to_device(source(), sharding.batch_sharding(mesh), size=2)
+  first = next(it)
+  assert pulled == [0, 1, 2]  # Two batches already on their way to the devices.
+  assert first["inputs"].sharding.spec == sharding.batch_sharding(mesh).spec
+  assert len(first["inputs"].addressable_shards) == 8
+  rest = [float(b["inputs"][0, 0]) for b in it]
+  assert [float(first["inputs"][0, 0])] + rest == [0, 1, 2, 3, 4]
