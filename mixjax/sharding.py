@@ -5,8 +5,8 @@ The mesh has two axes, `('data', 'fsdp')`. The global batch is split over both
 optimizer state and the Polyak average are replicated over 'data' and, when the
 'fsdp' axis has more than one device, each large array is split over 'fsdp'
 along one of its dimensions (ZeRO-3 / fully-sharded data parallelism): XLA
-gathers a layer's weights where they are used and reduce-scatters their
-gradients. With `fsdp=1` this is plain data parallelism with replicated state.
+all-gathers a layer's weights where they are used and reduces their gradients
+to the owning shards. With `fsdp=1` this is plain data parallelism with replicated state.
 """
 
 from __future__ import annotations
