@@ -29,7 +29,8 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
   warmup = int(s.warmup_steps or round(s.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps and s.name == "warmup_cosine":
     raise ValueError(f"schedule warm-up ({warmup} steps) must be shorter than total_steps "
-                     f"({total_steps}).")
+                     f"({total_steps}): lower config.schedule.warmup_steps (or warmup_epochs; "
+                     f"{steps_per_epoch:g} steps per epoch here) or raise config.total_steps.")
   init = s.warmup_init * lr
   if s.name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(init, lr, warmup, total_steps, lr * s.end_factor)

@@ -59,3 +59,7 @@ def test_documented_train_commands_parse(args):
   import train
   config, _ = train.parse_args(args)
   assert config.batch_size > 0
+  if config.dataset.name != "tfds":  # What needs the data but no compiling: the schedule.
+    from mixjax import input_pipeline, optim
+    n = len(input_pipeline.load_arrays(config.dataset, seed=config.seed)["train"])
+    optim.make_schedule(config, *train.total_steps(config, n))
