@@ -179,14 +179,14 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
-def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def _global(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
   def put(x):
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding, x, shape)
+    return jax.make_array_from_process_local_data(target, x, shape)
   return jax.tree_util.tree_map(put, batch)
 
 
-def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], target: NamedSharding,
                        size: int = 2) -> Iterator[dict[str, jax.Array]]:
   """Global arrays of this process's batches, `size` of them already sent to the devices.
 
@@ -196,7 +196,7 @@ def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: Named
   """
   queue: collections.deque = collections.deque()
   for batch in batches:
-    queue.append(_global(batch, sharding))
+    queue.append(_global(batch, target))
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
