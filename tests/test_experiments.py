@@ -81,8 +81,9 @@ def test_ablation_layers_are_the_models_mixing_points_and_knn_partners_come_from
 
 def test_gan_data_and_mode_statistics():
   ring, grid = gan.centers("8gaussians"), gan.centers("25gaussians")
-  np.testing.assert_allclose(np.linalg.norm(ring, axis=1), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(ring, axis=1), 1.0, rtol=1e-6)
   assert grid.shape == (25, 2) and len({tuple(c) for c in grid}) == 25
+  np.testing.assert_allclose(np.unique(grid), [-1, -0.5, 0, 0.5, 1])
   real = np.asarray(gan.sample_data(jax.random.key(0), jnp.asarray(grid), 4000))
   covered, share = gan.mode_stats(real, grid)
   assert covered == 25 and share > 0.98
@@ -90,6 +91,25 @@ def test_gan_data_and_mode_statistics():
   assert gan.mode_stats(collapsed, ring) == (1, 1.0)
   with pytest.raises(ValueError, match="dataset"):
     gan.centers("swissroll")
+
+
+def test_gan_mixing_coefficients_of_each_formulation():
+  key = jax.random.key(0)
+  code = np.asarray(gan.sample_lams(key, "code", 0.2, 20000))
+  assert code.min() >= 0 and code.max() < 0.2
+  assert stats.kstest(code, stats.uniform(0, 0.2).cdf).pvalue > 1e-3
+  paper = np.asarray(gan.sample_lams(key, "paper", 0.2, 20000))
+  # Binned, not KS: ~2% of exact Beta(0.2, 0.2) draws lie within float32's spacing of 1
+  # and round to 1.0, a tie KS cannot take.
+  edges = np.linspace(0, 1, 11)
+  counts = np.histogram(paper, edges)[0]
+  expected = len(paper) * np.diff(stats.beta(0.2, 0.2).cdf(edges))
+  assert stats.chisquare(counts, expected).pvalue > 1e-3
+  np.testing.assert_array_equal(gan.sample_lams(key, None, 0.2, 5), np.ones(5))
+  with pytest.raises(ValueError, match="Uniform"):
+    gan.sample_lams(key, "code", 2.0, 5)
+  with pytest.raises(ValueError, match="mixup must be None or one of"):
+    gan.make_chunk(8, 4, 1, "wgan")
 
 
 def test_inbetween_stats_of_a_linear_model_by_hand():
@@ -196,9 +216,10 @@ def test_corrupted_labels_quick(tmp_path):
 
 def test_gan_quick(tmp_path):
   out = str(tmp_path)
-  r = gan.main(["--quick", "--out", out])
+  r = gan.main(["--quick", "--out", out, "--formulations", "code,paper"])
   _check_files(r, out, "gan")
-  assert len(r["runs"]) == 4
+  assert list(r["methods"].values()) == [None, "code", "paper"]
+  assert len(r["runs"]) == 6
   for samples in r["runs"].values():
     assert sorted(samples) == r["snapshots"]
     assert all(s.shape == (2000, 2) and np.all(np.isfinite(s)) for s in samples.values())
@@ -218,7 +239,19 @@ def test_ablations_quick(tmp_path):
   _check_files(r, out, "ablations")
   in_order = [c.id for c in ablations.configs() if c.id in ablations.QUICK]
   assert [c.id for c in r["configs"]] == in_order
-  assert all(0 <= v["median_last"] <= 1 for v in r["results"].values())
+  assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in r["medians"].values())
+
+
+def test_ablations_seeds_draw_their_own_split_and_are_averaged(tmp_path):
+  out = str(tmp_path)
+  r = ablations.main(["--quick", "--out", out, "--configs", "erm", "--seeds", "2",
+                      "--epochs", "2", "--seed", "3"])
+  assert r["seeds"] == [3, 4]
+  (runs,) = r["results"].values()
+  assert len(runs) == 2 and not np.array_equal(runs[0]["errors"], runs[1]["errors"])
+  (medians,) = r["medians"].values()
+  text = _read(out, "ablations")
+  assert f"{100 * np.mean(medians):.2f} ± {100 * np.std(medians):.2f}" in text
 
 
 def test_tabular_quick(tmp_path):
