@@ -93,6 +93,19 @@ def test_gan_data_and_mode_statistics():
     gan.centers("swissroll")
 
 
+def test_gan_nets_start_as_pytorch_linear_layers():
+  params = gan.Net(256, 2).init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
+  assert [p["kernel"].shape for p in params.values()] == [(2, 256), (256, 256), (256, 256),
+                                                           (256, 2)]
+  for layer in params.values():
+    bound = 1 / np.sqrt(layer["kernel"].shape[0])
+    kernel = np.asarray(layer["kernel"]).ravel()
+    assert np.abs(kernel).max() <= bound and np.abs(layer["bias"]).max() <= bound
+    assert np.abs(layer["bias"]).max() > 0.5 * bound                 # not zeros
+    if kernel.size > 1000:                                             # U(-bound, bound)
+      assert stats.kstest(kernel, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
+
+
 def test_gan_mixing_coefficients_of_each_formulation():
   key = jax.random.key(0)
   code = np.asarray(gan.sample_lams(key, "code", 0.2, 20000))

@@ -13,7 +13,8 @@ Figure 5, differs from that formula, and `--formulation code` (the default) foll
   real-fake, real-real or fake-fake);
 - the generator always takes the plain (ERM) step: it maximises the
   discriminator's cross-entropy on an unmixed pool;
-- the data: ring of radius 1, grid in [-1, 1]^2, standard deviation 0.01.
+- the data: ring of radius 1, grid in [-1, 1]^2, standard deviation 0.01;
+- PyTorch's default initialisation of linear layers (`Net`).
 `--formulation paper` trains the formula above instead (same data). Both keep the
 min-max game as written (the generator maximises the discriminator's loss). As in
 the paper: fully connected nets with three hidden layers of 512 ReLU units, 2-D
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,27 @@ def mode_stats(samples: np.ndarray, modes: np.ndarray, min_share: float = 0.01):
   return int(np.sum(counts >= min_share * len(samples))), float(near.mean())
 
 
+_TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+class Net(nn.Module):
+  """3 x `hidden` ReLU MLP, f32[B, 2] -> f32[B, out], initialised as PyTorch's nn.Linear
+  (weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))), as in the released script."""
+  hidden: int
+  out: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, width in enumerate((self.hidden,) * 3 + (self.out,)):
+      bound = 1.0 / np.sqrt(x.shape[-1])
+      x = nn.Dense(width, kernel_init=_TORCH_KERNEL_INIT,
+                   bias_init=lambda k, shape, dtype=jnp.float32, b=bound: jax.random.uniform(
+                       k, shape, dtype, -b, b))(x)
+      if i < 3:
+        x = nn.relu(x)
+    return x
+
+
 _TX = optax.adam(1e-3)  # "Adam with default parameters"
 _CHUNKS: dict = {}
 
@@ -84,8 +107,7 @@ def make_chunk(hidden: int, batch: int, iters: int, mixup: Optional[str]):
     raise ValueError(f"mixup must be None or one of {FORMULATIONS}, got {mixup!r}.")
   key = (hidden, batch, iters, mixup, common.fast_compile())
   if key not in _CHUNKS:
-    _CHUNKS[key] = _make_chunk(common.MLP((hidden,) * 3, 2), common.MLP((hidden,) * 3, 1),
-                               _TX, batch, iters, mixup)
+    _CHUNKS[key] = _make_chunk(Net(hidden, 2), Net(hidden, 1), _TX, batch, iters, mixup)
   return _CHUNKS[key]
 
 
@@ -165,8 +187,7 @@ def train(dataset: str, mixup: Optional[str], *, alpha: float, hidden: int,
   samples f32[num_samples, 2] at each snapshot."""
   if any(s % chunk_iters for s in snapshots):
     raise ValueError(f"snapshots must be multiples of {chunk_iters}, got {list(snapshots)}.")
-  gen = common.MLP((hidden,) * 3, 2)
-  disc = common.MLP((hidden,) * 3, 1)
+  gen, disc = Net(hidden, 2), Net(hidden, 1)
   key = jax.random.key(seed)
   k_g, k_d, k_z, key = jax.random.split(key, 4)
   gp = gen.init(k_g, jnp.zeros((1, 2)))
@@ -209,9 +230,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   datasets = ("8gaussians", "25gaussians")
   methods = {"ERM GAN": None}
   methods.update({f"mixup GAN, {f} (alpha = {args.alpha:g})": f for f in args.formulations})
-  runs = {(d, m): train(d, f, alpha=args.alpha, hidden=hidden, snapshots=snapshots,
-                        seed=args.seed)
-          for d in datasets for m, f in methods.items()}
+  runs = {}
+  for d in datasets:
+    for m, f in methods.items():
+      runs[d, m] = train(d, f, alpha=args.alpha, hidden=hidden, snapshots=snapshots,
+                         seed=args.seed)
+      print(f"[{d}, {m}: trained]", flush=True)
 
   rows = []
   for (d, m), samples in runs.items():
