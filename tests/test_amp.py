@@ -136,7 +136,9 @@ def test_eps_zero_equals_mixup():
   jit_ref = jax.jit(lambda: _value_and_grad(base, mlp, mv, mx, my))()
   jit_got = jax.jit(lambda: _value_and_grad(amp.amp(base, eps=0.0), mlp, mv, mx, my))()
   np.testing.assert_allclose(jit_got[0], jit_ref[0], rtol=1e-6)
-  chex.assert_trees_all_close(jit_got[3], jit_ref[3], rtol=1e-5, atol=1e-7)
+  # The two programs fuse differently, so XLA may sum in another order: allow float32
+  # rounding at the scale of the largest gradient entry (~0.2), not of each entry.
+  chex.assert_trees_all_close(jit_got[3], jit_ref[3], rtol=1e-5, atol=2e-6)
   assert float(jit_got[2]["amp_mask_frac"]) == 0.0
   # eps > 0 moves the loss up (ascent on lam) from the same draw.
   up = _value_and_grad(amp.amp(base, eps=0.05), apply, v, x, y)
