@@ -195,7 +195,7 @@ def test_clean_pass_concat_and_separate_with_batch_norm_and_dropout(framework):
   # update the running statistics.
   for got in (concat, grouped, separate):
     np.testing.assert_allclose(got[2]["loss_mix"], ref_loss, rtol=1e-5)
-    chex.assert_trees_all_close(got[1], ref_state, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(got[1], ref_state, rtol=1e-5, atol=1e-6)
   # 'all': statistics over mixed and clean rows change both.
   assert abs(float(everything[2]["loss_mix"]) - float(ref_loss)) > 1e-4
   assert not np.allclose(_bn_mean(everything[1]), _bn_mean(ref_state))
@@ -311,7 +311,7 @@ def test_amp_and_mixupe_together_and_split_model():
   both = _run(mixupe.mixupe(a), apply, v, x, y)
   # MixupE's concatenated final pass reproduces AMP's final pass on the mixed rows.
   np.testing.assert_allclose(both[2]["loss_mix"], amp_loss, rtol=1e-5)
-  chex.assert_trees_all_close(both[1], amp_state, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(both[1], amp_state, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(both[2]["amp_mask_frac"], amp_m["amp_mask_frac"])
   assert float(both[2]["mixupe_r"]) > 0
 
