@@ -71,9 +71,9 @@ def bench_tfds(size: int, batch: int, n_images: int, batches: int) -> list[tuple
   with tempfile.TemporaryDirectory() as data_dir:
     splits = {k: tf.data.Dataset.from_generator(gen, output_signature=spec)
               for k in ("train", "validation")}
-    tfds.dataset_builders.TfDataBuilder(
+    tfds.dataset_builders.store_as_tfds_dataset(
         name="bench_jpeg", config="default", version="1.0.0", data_dir=data_dir,
-        features=features, split_datasets=splits).download_and_prepare()
+        features=features, split_datasets=splits)
     d = config_utils.base_config().dataset
     d.update(dict(name="tfds", tfds_name="bench_jpeg", data_dir=data_dir,
                   input_shape=(size, size, 3), augment="inception", num_classes=10, prefetch=1,

@@ -1,6 +1,6 @@
 """The TFDS input path (`dataset.name='tfds'`) on small datasets the tests write themselves.
 
-Each dataset is prepared with `tfds.dataset_builders.TfDataBuilder` into a
+Each dataset is stored with `tfds.dataset_builders.store_as_tfds_dataset` into a
 temporary `data_dir`, so `tfds.builder(name, data_dir=...)` reads real
 TFRecord files with JPEG/PNG-encoded images, as for ImageNet or CIFAR.
 Nothing is downloaded.
@@ -38,10 +38,9 @@ def _write(data_dir: str, name: str, encoding: str, sizes: tuple[int, int],
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=shape, encoding_format=encoding),
       "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)})
-  tfds.dataset_builders.TfDataBuilder(
+  tfds.dataset_builders.store_as_tfds_dataset(
       name=name, config="default", version="1.0.0", data_dir=data_dir, features=features,
-      split_datasets={"train": split(NUM_TRAIN, 0), "test": split(NUM_TEST, 1)},
-  ).download_and_prepare()
+      split_datasets={"train": split(NUM_TRAIN, 0), "test": split(NUM_TEST, 1)})
 
 
 @pytest.fixture(scope="module")
