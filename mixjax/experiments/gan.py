@@ -5,7 +5,7 @@ The mixup formulation of a GAN (mixup paper, Section 3.7) as the paper writes it
 with l the binary cross-entropy; ERM is the usual
   max_g min_d E l(d(x), 1) + l(d(g(z)), 0).
 The authors' released script (hongyi-zhang/mixup, gan/example_gan.py), which made
-Figure 5, differs from that formula, and `--formulation code` (the default) follows it:
+Figure 5, differs from that formula, and `--formulations code` (the default) follows it:
 - the discriminator is trained on mixup of a real-and-fake pool with itself: each
   batch is real and fake samples shuffled together, labelled 1 and 0, and
   example i of one such batch is mixed with example i of a second one, with a
@@ -15,7 +15,7 @@ Figure 5, differs from that formula, and `--formulation code` (the default) foll
   discriminator's cross-entropy on an unmixed pool;
 - the data: ring of radius 1, grid in [-1, 1]^2, standard deviation 0.01;
 - PyTorch's default initialisation of linear layers (`Net`).
-`--formulation paper` trains the formula above instead (same data). Both keep the
+`--formulations paper` trains the formula above instead (same data). Both keep the
 min-max game as written (the generator maximises the discriminator's loss). As in
 the paper: fully connected nets with three hidden layers of 512 ReLU units, 2-D
 Gaussian noise, minibatches of 128, Adam with default parameters, five
