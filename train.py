@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixjax import checkpointing
 from mixjax import config_utils
 from mixjax import input_pipeline
+from mixjax import methods
 from mixjax import metrics_writer
 from mixjax import objectives as objectives_lib
 from mixjax import optim
@@ -112,7 +113,7 @@ def make_objective(config: ml_collections.ConfigDict, method: str,
   m = config.mix
   axis_name = sharding.batch_axes(mesh) if mesh is not None else "data"
   mesh = mesh if m.shard_local else None
-  return objectives_lib.get_objective(
+  return methods.get_objective(
       method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
       per_example=m.per_example, pairing=m.pairing, point=m.point,
       label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,

@@ -191,7 +191,7 @@ def head_losses(base: objectives.Mixup, apply: SplitApply, encoded: Encoded, dra
   hm = mixing.mix_with_partner(h, spec.perm, lam_x, mesh=spec.mesh, axis_name=spec.axis_name)
   out, head_state = apply.head(v, hm, key=key)
   per_example = losses_lib.mixup_loss(base.loss_fn, out, draw.targets_a, draw.targets_b,
-                                      draw.coeffs.y, base.interpolate)
+                                      draw.coeffs.lam_y, base.interpolate)
   return per_example, out, {**encoded.state, **dict(head_state)}
 
 
@@ -263,7 +263,7 @@ class Amp:
     k_mix, k_drop = jax.random.split(key)  # As objectives.Mixup, so 'rand' equals it.
     draw = self.base.draw(k_mix, inputs, labels)
     if self.mode == "rand":
-      return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(draw.coeffs.x)})
+      return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(draw.coeffs.lam_x)})
     batch = checks.batch_size("inputs", inputs)
     lam = _per_example_lam(draw.spec.lam, batch)
     draw = draw._replace(spec=draw.spec._replace(lam=lam))
@@ -319,7 +319,7 @@ def prepare(objective: Any, apply: objectives.ApplyFn, variables: PyTree, inputs
   if isinstance(objective, objectives.Mixup):
     k_mix, k_drop = jax.random.split(key)
     draw = objective.draw(k_mix, inputs, labels)
-    return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(draw.coeffs.x)})
+    return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(draw.coeffs.lam_x)})
   raise ValueError(f"expected a mixup-family objective (objectives.Mixup or amp.Amp), got "
                    f"{type(objective).__name__}.")
 

@@ -78,6 +78,7 @@ def mixup_loss(loss_fn: LossFn, outputs: jax.Array, targets_a: jax.Array, target
 
 
 _REGISTRY = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+LOSSES = tuple(_REGISTRY)  # Names `get_loss` takes.
 
 
 def get_loss(name: str) -> LossFn:

@@ -189,9 +189,9 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
   coeffs = policy(k_lam, batch)
   coeffs = _replicated(coeffs, mesh)
   perm = pair(k_pair, class_ids(labels), pairing, mesh=mesh, axis_name=axis_name)
-  mixed = mix_with_partner(inputs, perm, coeffs.x, mesh=mesh, axis_name=axis_name)
+  mixed = mix_with_partner(inputs, perm, coeffs.lam_x, mesh=mesh, axis_name=axis_name)
   targets_b = take(targets, perm, mesh=mesh, axis_name=axis_name)
-  mixed_targets = mix(targets, targets_b, coeffs.y)
+  mixed_targets = mix(targets, targets_b, coeffs.lam_y)
   return MixedBatch(mixed, mixed_targets, targets, targets_b, coeffs, perm)
 
 

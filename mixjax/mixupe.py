@@ -482,7 +482,7 @@ class MixupE:
         out_m, out_c = layout.split(out)
         out_dot = layout.split(out_dot_all)[1]
     per_example = losses_lib.mixup_loss(base.loss_fn, out_m, draw.targets_a, draw.targets_b,
-                                        draw.coeffs.y, base.interpolate)
+                                        draw.coeffs.lam_y, base.interpolate)
     return per_example, out_c, out_dot, state
 
 

@@ -143,7 +143,8 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
   return apply, {"params": params, "nnx_state": rest}
 
 
-def _identity(x):
+def identity(x):
+  """The default `to_logits`: outputs are the class scores."""
   return x
 
 
@@ -153,7 +154,7 @@ class Erm:
   loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
   num_classes: Optional[int] = None
   label_smoothing: float = 0.0
-  to_logits: Callable[[jax.Array], jax.Array] = _identity
+  to_logits: Callable[[jax.Array], jax.Array] = identity
 
   def __call__(self, apply, variables, inputs, labels, key):
     targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
@@ -187,7 +188,7 @@ class Mixup:
   label_smoothing: float = 0.0
   mesh: Optional[Mesh] = None
   axis_name: mixing.AxisName = "data"
-  to_logits: Callable[[jax.Array], jax.Array] = _identity
+  to_logits: Callable[[jax.Array], jax.Array] = identity
 
   def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
     """Samples coefficients and partners for a batch."""
@@ -202,7 +203,7 @@ class Mixup:
     coeffs = self.policy(k_lam, batch)
     perm = mixing.pair(k_pair, mixing.class_ids(labels), self.pairing, mesh=self.mesh,
                        axis_name=self.axis_name)
-    spec = MixSpec(self.point, coeffs.x, perm, self.mesh, self.axis_name)
+    spec = MixSpec(self.point, coeffs.lam_x, perm, self.mesh, self.axis_name)
     targets_b = mixing.take(targets, perm, mesh=self.mesh, axis_name=self.axis_name)
     return Draw(spec, coeffs, targets, targets_b)
 
@@ -210,12 +211,12 @@ class Mixup:
              key: Optional[jax.Array], lam_x: Optional[jax.Array] = None):
     """Per-example losses f32[B] (and outputs, new model state) for a draw.
 
-    `lam_x` overrides the input coefficient (the label one stays `draw.coeffs.y`).
+    `lam_x` overrides the input coefficient (the label one stays `draw.coeffs.lam_y`).
     """
     spec = draw.spec if lam_x is None else draw.spec._replace(lam=lam_x)
     outputs, state = apply(variables, inputs, key=key, mix=spec)
     per_example = losses_lib.mixup_loss(self.loss_fn, outputs, draw.targets_a, draw.targets_b,
-                                        draw.coeffs.y, self.interpolate)
+                                        draw.coeffs.lam_y, self.interpolate)
     return per_example, outputs, state
 
   def __call__(self, apply, variables, inputs, labels, key):
@@ -223,7 +224,7 @@ class Mixup:
     draw = self.draw(k_mix, inputs, labels)
     per_example, _, state = self.losses(apply, variables, inputs, draw, k_drop)
     loss = jnp.mean(per_example)
-    return loss, (state, {"loss": loss, "lam_mean": jnp.mean(draw.coeffs.x)})
+    return loss, (state, {"loss": loss, "lam_mean": jnp.mean(draw.coeffs.lam_x)})
 
 
 def erm(loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
@@ -240,62 +241,3 @@ def mixup(policy: policies.Policy, pairing: pairing_lib.Pairing = pairing_lib.ra
   """A mixup-family objective (see `Mixup`)."""
   return Mixup(policy, pairing, loss_fn, num_classes, point, interpolate, label_smoothing,
                mesh, axis_name)
-
-
-_BASES = ("erm", "mixup", "untied", "dat")
-_WRAPPERS = ("amp", "mixupe")
-
-
-def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
-                  beta: Optional[float] = None, per_example: bool = True,
-                  pairing: str = "random", point: Optional[str] = None,
-                  label_smoothing: float = 0.0, loss: str = "softmax_xent",
-                  cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
-                  amp: Optional[dict] = None, mixupe: Optional[dict] = None,
-                  mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data") -> Objective:
-  """Builds an objective from a method name such as 'mixup', 'amp', 'untied+amp+mixupe'.
-
-  The name is '+'-joined: at most one base ('erm', 'mixup' (Beta(alpha, beta)),
-  'untied' (U(Beta(alpha, beta))), 'dat') and any of the wrappers 'amp'
-  (kwargs `amp`, e.g. {'eps': 0.002, 'mode': 'full'}) and 'mixupe' (kwargs
-  `mixupe`, e.g. {'eta': 1e-3}); a wrapper alone implies the 'mixup' base.
-  loss: 'softmax_xent', 'sigmoid_xent' or 'cosine' (negative cosine against
-  fixed random class embeddings of `cosine_dim` dims drawn with `cosine_seed`;
-  the model then outputs f[B, cosine_dim]).
-  """
-  parts = [p.strip() for p in method.split("+") if p.strip()]
-  unknown = [p for p in parts if p not in _BASES + _WRAPPERS]
-  bases = [p for p in parts if p in _BASES]
-  if unknown or len(bases) > 1 or not parts:
-    raise ValueError(f"Unknown method {method!r}: use one of {list(_BASES)}, optionally joined "
-                     f"with '+' to wrappers {list(_WRAPPERS)} (e.g. 'untied+amp').")
-  base = bases[0] if bases else "mixup"
-  wrappers = [p for p in parts if p in _WRAPPERS]
-  if base == "erm" and wrappers:
-    raise ValueError(f"{wrappers} need a mixing base ('mixup', 'untied' or 'dat'), not 'erm'.")
-
-  to_logits = _identity
-  if loss == "cosine":
-    emb = losses_lib.class_embeddings(jax.random.key(cosine_seed), num_classes, cosine_dim)
-    loss_fn = losses_lib.negative_cosine_loss(emb)
-    to_logits = lambda f: losses_lib.cosine_logits(f, emb)  # noqa: E731
-  else:
-    loss_fn = losses_lib.get_loss(loss)
-
-  if base == "erm":
-    return Erm(loss_fn, num_classes, label_smoothing, to_logits)
-  if base == "mixup":
-    policy = policies.mixup(alpha, beta, per_example)
-  elif base == "untied":
-    policy = policies.untied_mixup(alpha, alpha if beta is None else beta, per_example)
-  else:
-    policy = policies.dat(alpha, beta, per_example)
-  obj: Any = Mixup(policy, pairing_lib.get_pairing(pairing), loss_fn, num_classes, point,
-                   interpolate, label_smoothing, mesh, axis_name, to_logits)
-  if "amp" in wrappers:
-    from mixjax import amp as amp_lib
-    obj = amp_lib.amp(obj, **(amp or {}))
-  if "mixupe" in wrappers:
-    from mixjax import mixupe as mixupe_lib
-    obj = mixupe_lib.mixupe(obj, alpha=alpha, beta=beta, **(mixupe or {}))
-  return obj

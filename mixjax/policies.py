@@ -2,9 +2,9 @@
 
 A policy is a function `policy(key, batch_size) -> Coefficients`; the Beta-based
 ones carry `policy.beta_params = (a, b)`, the Beta(a, b) they draw from (MixupE
-reads it for E[1 - lam]). `x` is the
+reads it for E[1 - lam]). `lam_x` is the
 coefficient of the example itself in the mixed input (`lam*x_i + (1-lam)*x_j`),
-`y` the weight of its own label in the target (`gamma(lam)` for Untied MixUp,
+`lam_y` the weight of its own label in the target (`gamma(lam)` for Untied MixUp,
 1 for DAT, `lam` for mixup). Per-example policies give f32[B], per-batch ones a
 scalar f32[].
 """
@@ -22,9 +22,9 @@ from mixjax import sampling
 
 
 class Coefficients(NamedTuple):
-  """Mixing coefficients: `x` for the inputs, `y` for the labels (f32[B] or f32[])."""
-  x: jax.Array
-  y: jax.Array
+  """Mixing coefficients: `lam_x` for the inputs, `lam_y` for the labels (f32[B] or f32[])."""
+  lam_x: jax.Array
+  lam_y: jax.Array
 
 
 Policy = Callable[[jax.Array, int], Coefficients]
@@ -71,7 +71,7 @@ def untied_mixup(a: float, b: float, per_example: bool = True) -> Policy:
 
 
 def weighted(policy: Policy, gamma: Gamma) -> Policy:
-  """Replaces the label weight of `policy` by `gamma(coefficients.x)`.
+  """Replaces the label weight of `policy` by `gamma(coefficients.lam_x)`.
 
   `gamma` maps [0, 1] to [0, 1] elementwise (any jnp-traceable callable). It is
   checked on a grid of 101 points when the policy is built and, for concrete
@@ -88,9 +88,9 @@ def weighted(policy: Policy, gamma: Gamma) -> Policy:
 
   def new_policy(key: jax.Array, batch_size: int) -> Coefficients:
     c = policy(key, batch_size)
-    y = jnp.asarray(gamma(c.x), jnp.float32)
+    y = jnp.asarray(gamma(c.lam_x), jnp.float32)
     checks.in_unit_interval("gamma(lam)", y)
-    return Coefficients(c.x, y)
+    return Coefficients(c.lam_x, y)
   if hasattr(policy, "beta_params"):
     new_policy.beta_params = policy.beta_params
   return new_policy

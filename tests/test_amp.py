@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixjax import amp, losses, objectives, policies
+from mixjax import amp, losses, methods, objectives, policies
 
 
 def _xent64(logits, targets):
@@ -85,7 +85,7 @@ def test_lambda_gradient_equals_central_differences(kind):
 
     def reference(l):  # Independent: explicit mixing and interpolated cross-entropy, summed.
       out, _ = apply(v, x, key=key, mix=objectives.MixSpec(point, l, draw.spec.perm))
-      ly = draw.coeffs.y
+      ly = draw.coeffs.lam_y
       return jnp.sum(ly * _xent64(out, draw.targets_a) + (1 - ly) * _xent64(out, draw.targets_b))
 
     h = 1e-6
@@ -95,7 +95,7 @@ def test_lambda_gradient_equals_central_differences(kind):
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
     assert np.abs(fd).max() > 1e-2  # Not a vacuous check.
     # The labels keep their coefficient: moving only lam_x changes the loss.
-    ly = draw.coeffs.y
+    ly = draw.coeffs.lam_y
     out, _ = apply(v, x, key=key, mix=objectives.MixSpec(point, lam, draw.spec.perm))
     np.testing.assert_allclose(
         per_example, ly * _xent64(out, draw.targets_a) + (1 - ly) * _xent64(out, draw.targets_b),
@@ -166,7 +166,7 @@ def test_min_step_mask_and_parameter_gradient_against_explicit_computation():
   # Explicit per-example reference, recomputed from scratch.
   k_mix, _ = jax.random.split(key)
   draw = base.draw(k_mix, x, y)
-  lam, perm, ly = draw.spec.lam, draw.spec.perm, draw.coeffs.y
+  lam, perm, ly = draw.spec.lam, draw.spec.perm, draw.coeffs.lam_y
   ya, yb = draw.targets_a, draw.targets_b
 
   def per_example(p, lx):
@@ -278,10 +278,10 @@ def test_arguments_composition_and_config():
       amp.amp(base, eps=bad)
   with pytest.raises(ValueError, match="mixup-family"):
     amp.amp(objectives.erm(num_classes=3))
-  obj = objectives.get_objective("untied+amp", num_classes=3, alpha=0.5, beta=1.5,
+  obj = methods.get_objective("untied+amp", num_classes=3, alpha=0.5, beta=1.5,
                                  amp={"eps": 0.01, "mode": "max"})
   assert isinstance(obj, amp.Amp) and obj.eps == 0.01 and obj.mode == "max"
-  cos = objectives.get_objective("amp", num_classes=3, loss="cosine", cosine_dim=4)
+  cos = methods.get_objective("amp", num_classes=3, loss="cosine", cosine_dim=4)
   assert cos.to_logits(jnp.ones((2, 4))).shape == (2, 3)
   # DAT keeps the label coefficient at 1 while lam_x moves; per-batch lam becomes per-example.
   fn, v, x, y = _mlp()
@@ -290,9 +290,9 @@ def test_arguments_composition_and_config():
     b = objectives.mixup(policy, num_classes=3)
     prepared = amp.amp(b, eps=0.3).prepare(apply, v, x, y, jax.random.key(0))
     assert prepared.draw.spec.lam.shape == (8,)
-    assert float(jnp.abs(prepared.draw.spec.lam - prepared.draw.coeffs.x).max()) > 0
-    np.testing.assert_array_equal(prepared.draw.coeffs.y, b.draw(
-        jax.random.split(jax.random.key(0))[0], x, y).coeffs.y)
+    assert float(jnp.abs(prepared.draw.spec.lam - prepared.draw.coeffs.lam_x).max()) > 0
+    np.testing.assert_array_equal(prepared.draw.coeffs.lam_y, b.draw(
+        jax.random.split(jax.random.key(0))[0], x, y).coeffs.lam_y)
 
 
 def test_nnx_model():

@@ -46,7 +46,7 @@ class MixTest(chex.TestCase):
     f = self.variant(lambda k, x, y: mixing.mix_batch(
         k, x, y, policy=policies.untied_mixup(2.2, 0.9), num_classes=3, label_smoothing=0.1))
     mb = f(jax.random.key(4), x, y)
-    perm, lx, ly = (np.asarray(v) for v in (mb.perm, mb.coeffs.x, mb.coeffs.y))
+    perm, lx, ly = (np.asarray(v) for v in (mb.perm, mb.coeffs.lam_x, mb.coeffs.lam_y))
     t = np.eye(3)[y] * 0.9 + 0.1 / 3
     chex.assert_shape(mb.targets, (8, 3))
     np.testing.assert_allclose(mb.targets, ly[:, None] * t + (1 - ly[:, None]) * t[perm], rtol=1e-5)
@@ -79,13 +79,13 @@ def test_per_batch_lam():
   x, y = _batch()
   mb = mixing.mix_batch(jax.random.key(0), x, y, policy=policies.mixup(0.4, per_example=False),
                         num_classes=3)
-  assert mb.coeffs.x.shape == ()
+  assert mb.coeffs.lam_x.shape == ()
 
 
 def test_weighted_any_gamma():
   pol = policies.weighted(policies.mixup(1.0), lambda l: l ** 2)
   c = pol(jax.random.key(0), 16)
-  np.testing.assert_allclose(c.y, np.asarray(c.x) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(c.lam_y, np.asarray(c.lam_x) ** 2, rtol=1e-6)
 
 
 def test_dirichlet_k_way():

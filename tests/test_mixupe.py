@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import integrate, stats
 
-from mixjax import amp, losses, objectives, pairing, policies, sampling, train_step
+from mixjax import amp, losses, methods, objectives, pairing, policies, sampling, train_step
 from mixjax import mixupe
 
 
@@ -275,11 +275,11 @@ def test_arguments_and_composition():
       mixupe.mixupe(base, **kw)
   with pytest.raises(ValueError, match="mixup-family"):
     mixupe.mixupe(objectives.erm(num_classes=3))
-  obj = objectives.get_objective("untied+amp+mixupe", num_classes=3, alpha=0.5, beta=2.0,
+  obj = methods.get_objective("untied+amp+mixupe", num_classes=3, alpha=0.5, beta=2.0,
                                  mixupe={"eta": 0.01, "rho": 0.5})
   assert isinstance(obj, mixupe.MixupE) and isinstance(obj.base, amp.Amp)
   assert obj.eta == 0.01 and obj.rho == 0.5 and obj.beta == 2.0
-  cos = objectives.get_objective("mixupe", num_classes=3, loss="cosine", cosine_dim=4)
+  cos = methods.get_objective("mixupe", num_classes=3, loss="cosine", cosine_dim=4)
   assert cos.to_logits(jnp.ones((2, 4))).shape == (2, 3)
 
 
@@ -334,8 +334,8 @@ def test_sharded_train_step_equals_single_device(method):
   assert mesh.shape["data"] == 8
   apply, v, x, y = _net_setup(32)
   kw = dict(num_classes=3, amp={"eps": 0.05}, mixupe={"eta": 0.1, "rho": 0.5})
-  sharded = objectives.get_objective(method, mesh=mesh, **kw)
-  single = objectives.get_objective(method, pairing="random", **kw)
+  sharded = methods.get_objective(method, mesh=mesh, **kw)
+  single = methods.get_objective(method, pairing="random", **kw)
   group = pairing.grouped(pairing.random_permutation, 8)
   if isinstance(single, mixupe.MixupE):
     inner = single.base

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixjax import losses, mixing, objectives, pairing, policies
+from mixjax import losses, methods, mixing, objectives, pairing, policies
 
 
 class Net(nn.Module):
@@ -61,17 +61,17 @@ def test_erm_and_get_objective():
   x, y = _data()
   v = Net().init(jax.random.key(0), x)
   apply = objectives.make_apply(Net(), train=False)
-  loss, _ = objectives.get_objective("erm", num_classes=3)(apply, v, x, y, jax.random.key(0))
+  loss, _ = methods.get_objective("erm", num_classes=3)(apply, v, x, y, jax.random.key(0))
   ref = losses.softmax_cross_entropy(Net().apply(v, x), jax.nn.one_hot(y, 3)).mean()
   np.testing.assert_allclose(loss, ref, rtol=1e-6)
   for m in ["mixup", "untied", "dat"]:
-    o = objectives.get_objective(m, num_classes=3, alpha=0.4, beta=0.9)
+    o = methods.get_objective(m, num_classes=3, alpha=0.4, beta=0.9)
     assert isinstance(o, objectives.Mixup)
-  cos = objectives.get_objective("mixup", num_classes=3, loss="cosine", cosine_dim=3)
+  cos = methods.get_objective("mixup", num_classes=3, loss="cosine", cosine_dim=3)
   assert cos.to_logits(jnp.eye(3)).shape == (3, 3)
   for bad in ["cutmix", "mixup+dat", "erm+amp", ""]:
     with pytest.raises(ValueError):
-      objectives.get_objective(bad, num_classes=3)
+      methods.get_objective(bad, num_classes=3)
 
 
 def test_sharded_objective_equals_single_device():
