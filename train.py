@@ -127,11 +127,6 @@ def _mixupe_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return kwargs
 
 
-def _needs_running_mean(config: ml_collections.ConfigDict, method: str) -> bool:
-  return ("mixupe" in method.split("+") and config.mixupe.exact
-          and config.mixupe.mean == "running")
-
-
 class Data:
   """Training iterator and eval batches for this process."""
 
@@ -246,9 +241,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
 
   def init():
     variables = ts.init_variables(module, k_init, sample)
-    if _needs_running_mean(config, method):  # E[x'] of exact MixupE, kept in the model state.
-      from mixjax import mixupe
-      variables = {**variables, **mixupe.init_running_mean(sample.astype(jnp.float32))}
+    variables = {**variables, **objective.init(sample.astype(jnp.float32))}
     return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
 
   state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))

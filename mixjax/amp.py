@@ -236,6 +236,10 @@ class Amp:
   def to_logits(self) -> Callable[[jax.Array], jax.Array]:
     return self.base.to_logits
 
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
+    """The base's extra model-state collections."""
+    return self.base.init(sample_inputs)
+
   def fast_path(self, apply: objectives.ApplyFn) -> bool:
     """Whether the encoder runs once (split model mixed at its split point)."""
     return (isinstance(apply, SplitApply) and self.base.point is not None

@@ -361,6 +361,13 @@ class MixupE:
   def to_logits(self) -> Callable[[jax.Array], jax.Array]:
     return self.mixup.to_logits
 
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
+    """The base's collections, plus the running mean of the inputs for exact q with mean=None."""
+    state = dict(self.base.init(sample_inputs))
+    if self.exact and self.mean is None:
+      state.update(init_running_mean(sample_inputs))
+    return state
+
   @property
   def mixup(self) -> objectives.Mixup:
     return amp_lib.mixup_base(self.base)

@@ -156,6 +156,11 @@ class Erm:
   label_smoothing: float = 0.0
   to_logits: Callable[[jax.Array], jax.Array] = identity
 
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
+    """Extra model-state collections this objective keeps ({}: none)."""
+    del sample_inputs
+    return {}
+
   def __call__(self, apply, variables, inputs, labels, key):
     targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
     outputs, state = apply(variables, inputs, key=key)
@@ -189,6 +194,11 @@ class Mixup:
   mesh: Optional[Mesh] = None
   axis_name: mixing.AxisName = "data"
   to_logits: Callable[[jax.Array], jax.Array] = identity
+
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
+    """Extra model-state collections this objective keeps ({}: none)."""
+    del sample_inputs
+    return {}
 
   def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
     """Samples coefficients and partners for a batch."""
