@@ -1,5 +1,6 @@
 """mixjax: the mixup family of regularizers for JAX and Flax."""
 
+from mixjax import adapters
 from mixjax import amp
 from mixjax import attacks
 from mixjax import checks
@@ -18,7 +19,7 @@ from mixjax.losses import (class_embeddings, mixup_loss, negative_cosine, sigmoi
                            softmax_cross_entropy)
 from mixjax.mixing import MixedBatch, mix, mix_batch, mix_dirichlet, mix_with_partner, to_targets
 from mixjax.methods import get_objective
-from mixjax.objectives import MixSpec, make_apply, make_apply_fn, make_nnx_apply
+from mixjax.adapters import MixSpec, make_apply, make_apply_fn, make_nnx_apply
 from mixjax.policies import Coefficients
 from mixjax.sampling import (expected_one_minus_lam, expected_sq_one_minus_lam, sample_beta,
                              sample_dirichlet, sample_untied, untied_gamma)

@@ -99,7 +99,8 @@ class _Mixed:
                                    axis_name=self.axis_name)
 
 
-def _child(parent, name):
+def child(parent: Any, name: str) -> Any:
+  """The submodule (attribute, or list index for digits) `name` of an NNX module."""
   if name.isdigit() and not hasattr(parent, name):
     return parent[int(name)]
   if not hasattr(parent, name):
@@ -107,7 +108,8 @@ def _child(parent, name):
   return getattr(parent, name)
 
 
-def _set_child(parent, name, value):
+def set_child(parent: Any, name: str, value: Any) -> None:
+  """Sets the submodule `name` of an NNX module (bypassing NNX's attribute checks)."""
   if name.isdigit() and not hasattr(parent, name):
     parent[int(name)] = value
   else:
@@ -125,10 +127,10 @@ def nnx_mix_at(model: Any, path: Path, lam: Any, perm: jax.Array, *,
   parts = normalize_path(path)
   parent = model
   for name in parts[:-1]:
-    parent = _child(parent, name)
-  inner = _child(parent, parts[-1])
-  _set_child(parent, parts[-1], _Mixed(inner, lam, perm, mesh, axis_name))
+    parent = child(parent, name)
+  inner = child(parent, parts[-1])
+  set_child(parent, parts[-1], _Mixed(inner, lam, perm, mesh, axis_name))
   try:
     yield
   finally:
-    _set_child(parent, parts[-1], inner)
+    set_child(parent, parts[-1], inner)

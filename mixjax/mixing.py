@@ -104,7 +104,7 @@ def mix_with_partner(tree: PyTree, perm: jax.Array, lam: Any, *, mesh: Optional[
     return mix(t, take(t, p - jax.lax.axis_index(axis_name) * p.shape[0]), l)
 
   return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec if lam.ndim else P()),
-                       out_specs=spec)(tree, perm, _replicated(lam, mesh))
+                       out_specs=spec)(tree, perm, lam)
 
 
 def to_targets(labels: jax.Array, num_classes: Optional[int] = None,
@@ -141,10 +141,24 @@ def class_ids(labels: jax.Array) -> jax.Array:
   return jnp.argmax(labels, axis=-1).astype(jnp.int32)
 
 
+class Draw(NamedTuple):
+  """The random part of a mixing step, drawn once and shared by every pass.
+
+  coeffs: `policies.Coefficients(lam_x, lam_y)`, each f32[B] or f32[] (None
+    for ERM). perm: int32[B] partner indices (None for ERM).
+  targets_a / targets_b: f32[B, C] targets of each example and of its partner
+    (targets_b None for ERM).
+  """
+  coeffs: Optional[policies.Coefficients]
+  perm: Optional[jax.Array]
+  targets_a: jax.Array
+  targets_b: Optional[jax.Array]
+
+
 class MixedBatch(NamedTuple):
   """A mixed batch.
 
-  inputs: like the input pytree. targets: f32[B, C], `y*t_i + (1-y)*t_perm[i]`.
+  inputs: like the input pytree. targets: f32[B, C], `lam_y*t_i + (1-lam_y)*t_perm[i]`.
   targets_a / targets_b: f32[B, C] targets of the example and of its partner.
   coeffs: the `policies.Coefficients` used. perm: int32[B] partner indices.
   """
@@ -154,6 +168,41 @@ class MixedBatch(NamedTuple):
   targets_b: jax.Array
   coeffs: policies.Coefficients
   perm: jax.Array
+
+
+def check_batch(inputs: PyTree, labels: jax.Array, float_inputs: bool = True) -> int:
+  """The batch size B of `inputs` and `labels`; ValueError if they differ (or inputs are not float)."""
+  if float_inputs:
+    checks.float_leaves("inputs", inputs)
+  batch = checks.batch_size("inputs", inputs)
+  label_batch = checks.batch_size("labels", labels)
+  if label_batch != batch:
+    raise ValueError(f"labels have batch size {label_batch} but inputs have {batch}; they must "
+                     "match.")
+  return batch
+
+
+def draw(key: jax.Array, labels: jax.Array, batch: int, *, policy: policies.Policy,
+         pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
+         num_classes: Optional[int] = None, label_smoothing: float = 0.0,
+         mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> Draw:
+  """Coefficients, partners and targets for a batch of B examples (the one draw of every method).
+
+  `key` splits into the coefficients' key and the pairing's key. Coefficients
+  are drawn replicated (B numbers: every device draws the same, so the Beta
+  sampler's rejection loop never synchronises devices); with a mesh,
+  per-example ones are then laid out along the batch axis like the examples
+  (a local slice), so everything per example stays on its device.
+  """
+  targets = to_targets(labels, num_classes, label_smoothing)
+  k_lam, k_pair = jax.random.split(key)
+  coeffs = policy(k_lam, batch)
+  if mesh is not None:
+    coeffs = _replicated(coeffs, mesh)
+    coeffs = jax.tree_util.tree_map(lambda c: _batch_sharded(c, mesh, axis_name), coeffs)
+  perm = pair(k_pair, class_ids(labels), pairing, mesh=mesh, axis_name=axis_name)
+  targets_b = take(targets, perm, mesh=mesh, axis_name=axis_name)
+  return Draw(coeffs, perm, targets, targets_b)
 
 
 def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
@@ -177,30 +226,26 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
       result with `pairing.grouped(pairing, num_shards)`, and no example moves
       between devices.
   Returns:
-    A `MixedBatch`.
+    A `MixedBatch`. The draw is `draw(key, labels, B, ...)`, the one every
+    mixing objective makes.
   """
-  checks.float_leaves("inputs", inputs)
-  batch = checks.batch_size("inputs", inputs)
-  label_batch = checks.batch_size("labels", labels)
-  if label_batch != batch:
-    raise ValueError(f"labels have batch size {label_batch} but inputs have {batch}; they must match.")
-  targets = to_targets(labels, num_classes, label_smoothing)
-  k_lam, k_pair = jax.random.split(key)
-  coeffs = policy(k_lam, batch)
-  coeffs = _replicated(coeffs, mesh)
-  perm = pair(k_pair, class_ids(labels), pairing, mesh=mesh, axis_name=axis_name)
-  mixed = mix_with_partner(inputs, perm, coeffs.lam_x, mesh=mesh, axis_name=axis_name)
-  targets_b = take(targets, perm, mesh=mesh, axis_name=axis_name)
-  mixed_targets = mix(targets, targets_b, coeffs.lam_y)
-  return MixedBatch(mixed, mixed_targets, targets, targets_b, coeffs, perm)
+  batch = check_batch(inputs, labels)
+  d = draw(key, labels, batch, policy=policy, pairing=pairing, num_classes=num_classes,
+           label_smoothing=label_smoothing, mesh=mesh, axis_name=axis_name)
+  mixed = mix_with_partner(inputs, d.perm, d.coeffs.lam_x, mesh=mesh, axis_name=axis_name)
+  mixed_targets = mix(d.targets_a, d.targets_b, d.coeffs.lam_y)
+  return MixedBatch(mixed, mixed_targets, d.targets_a, d.targets_b, d.coeffs, d.perm)
 
 
 def _replicated(tree, mesh):
-  # Coefficients are drawn replicated (B numbers): a sharded draw would make the
-  # Beta sampler's rejection loop synchronise across devices.
-  if mesh is None:
-    return tree
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
+
+
+def _batch_sharded(x: jax.Array, mesh: Mesh, axis_name: AxisName) -> jax.Array:
+  """A per-example f[B] laid out along the batch axis (scalars stay replicated)."""
+  if jnp.ndim(x) == 0:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axis_name)))
 
 
 def num_shards(mesh: Mesh, axis_name: AxisName) -> int:

@@ -1,7 +1,9 @@
 """MixupE (Zou et al. 2023): mixup plus an explicit first-order directional term.
 
-`mixupe(base)` wraps a mixup-family objective (`objectives.Mixup`) or AMP
-(`amp.Amp`) and adds, from a pass over clean (unmixed) examples,
+`mixupe(base)` wraps any objective whose loss is a mean of per-example
+losses (`base.decomposes`: mixup, Untied MixUp, DAT, AMP around them, ERM as
+in the paper's Table 7, or a user's `objectives.Wrapper`) and adds, from a
+pass over clean (unmixed) examples,
 
   q^(x_i) = (y_i - g(f(x_i)))^T f(x_i)                  (approximate, default)
   q(x_i)  = (g(f(x_i)) - y_i)^T J_f(x_i) (E[x'] - x_i)  (exact, `exact=True`)
@@ -27,7 +29,7 @@ The clean pass:
   exactly what a mixup pass sees and every clean output is a function of its
   own example. batch_stats='all': statistics over all rows (mixed and clean).
   This holds for linen models (through `flax.linen.intercept_methods`) and for
-  NNX models run by `objectives.make_nnx_apply`; for other models with batch
+  NNX models run by `adapters.make_nnx_apply` (`adapters.mixed_rows_only`); for other models with batch
   norm or dropout (e.g. a hand-written `apply_fn`) use clean_pass='separate'.
 - clean_pass='separate': the mixed pass as the base runs it, then a clean
   pass in training mode (its own batch statistics, the final pass's dropout
@@ -40,7 +42,7 @@ inside each of `groups` contiguous groups, by default one per device shard).
 E[x'] for the exact term: `mean` is a pytree like one example (a dataset
 mean), 'batch' (the current batch mean) or None: a running (cumulative) mean
 over all training batches, kept in the model state under the collection
-'mixupe' (create it with `init_running_mean`). The JVP runs through the clean
+'mixupe' (created by the objective's `init(sample_inputs)`). The JVP runs through the clean
 pass as it is computed: with batch_stats='mixed' each clean output depends on
 its own example only, so `J_f(x_i)` is the per-example Jacobian; with a
 separate clean pass or batch_stats='all' and batch norm in training mode it
@@ -54,18 +56,15 @@ rows to B/4. On CPU one pass over 2B rows can cost more than two over B.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mixjax import amp as amp_lib
+from mixjax import adapters
 from mixjax import checks
 from mixjax import losses as losses_lib
 from mixjax import mixing
@@ -120,12 +119,11 @@ def combine(loss_mix: jax.Array, reg: jax.Array, eta: float) -> tuple[jax.Array,
   return eta_hat * total, eta_hat
 
 
-def init_running_mean(sample_inputs: PyTree) -> dict[str, PyTree]:
+def _init_running_mean(sample_inputs: PyTree) -> dict[str, PyTree]:
   """`{'mixupe': {'mean': zeros like one example (f32), 'count': f32[]}}`.
 
-  Merge it into the model state (`variables = {'params': ..., **model_state,
-  **init_running_mean(x)}`) to let `mixupe(..., exact=True, mean=None)` keep
-  a running mean of the training inputs (E[x']).
+  `MixupE.init` returns it for `exact=True, mean=None` (the running mean of
+  the training inputs, E[x']).
   """
   checks.float_leaves("sample_inputs", sample_inputs)
   mean = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x)[1:], jnp.float32), sample_inputs)
@@ -143,131 +141,6 @@ def update_running_mean(state: PyTree, inputs: PyTree) -> PyTree:
   w = batch / count
   mean = jax.tree_util.tree_map(lambda m, b: m + w * (b - m), state["mean"], _batch_mean(inputs))
   return {"mean": mean, "count": count}
-
-
-# ----------------------------------------------------------------------------
-# Row layout of the concatenated pass: per group, the mixed rows then the clean rows.
-
-
-def interleave(a: PyTree, b: PyTree, groups: int) -> PyTree:
-  """Leaves a[S*n, ...], b[S*m, ...] -> [S*(n+m), ...]: group s = a's rows of s, then b's."""
-  def leaf(u, v):
-    u = u.reshape((groups, -1) + u.shape[1:])
-    v = v.reshape((groups, -1) + v.shape[1:]).astype(u.dtype)
-    w = jnp.concatenate([u, v], axis=1)
-    return w.reshape((-1,) + w.shape[2:])
-  return jax.tree_util.tree_map(leaf, a, b)
-
-
-def deinterleave(c: PyTree, groups: int, n: int) -> tuple[PyTree, PyTree]:
-  """Inverse of `interleave` (n = rows of `a` per group)."""
-  def leaf(w):
-    w = w.reshape((groups, -1) + w.shape[1:])
-    return (w[:, :n].reshape((-1,) + w.shape[2:]), w[:, n:].reshape((-1,) + w.shape[2:]))
-  pairs = jax.tree_util.tree_map(leaf, c)
-  outer = jax.tree_util.tree_structure(c)
-  inner = jax.tree_util.tree_structure((0, 0))
-  return jax.tree_util.tree_transpose(outer, inner, pairs)
-
-
-def _positions(idx: jax.Array, rows: int, groups: int, offset: int, size: int) -> jax.Array:
-  """Row of example `idx` (of a block with `rows` rows per group) in the interleaved layout."""
-  return (idx // rows) * size + offset + idx % rows
-
-
-class _Layout:
-  """Index bookkeeping for B mixed rows and K clean rows in `groups` groups."""
-
-  def __init__(self, batch: int, clean: int, groups: int):
-    self.groups, self.n, self.m = groups, batch // groups, clean // groups
-    self.size = self.n + self.m
-    self.mixed_rows = interleave(jnp.ones(batch, bool), jnp.zeros(clean, bool), groups)
-
-  def spec(self, spec: objectives.MixSpec) -> objectives.MixSpec:
-    perm = _positions(spec.perm, self.n, self.groups, 0, self.size)
-    own = _positions(jnp.arange(self.groups * self.m), self.m, self.groups, self.n, self.size)
-    lam = jnp.broadcast_to(jnp.asarray(spec.lam, jnp.float32), (self.groups * self.n,))
-    return spec._replace(lam=interleave(lam, jnp.ones(self.groups * self.m), self.groups),
-                         perm=interleave(perm.astype(jnp.int32), own.astype(jnp.int32),
-                                         self.groups))
-
-  def split(self, c: PyTree) -> tuple[PyTree, PyTree]:
-    return deinterleave(c, self.groups, self.n)
-
-
-@contextlib.contextmanager
-def _mixed_rows_only(layout: _Layout, batch_stats: str, clean_key: jax.Array):
-  """BatchNorm: statistics of the mixed rows; Dropout: mixed rows as if alone.
-
-  Applies to linen `nn.BatchNorm` / `nn.Dropout` (through `nn.intercept_methods`)
-  and to NNX `nnx.BatchNorm` / `nnx.Dropout` of models run by
-  `objectives.make_nnx_apply` (through `objectives.nnx_call_hook`).
-  """
-  total = layout.groups * layout.size
-  calls = [0]
-
-  def rows(kind, next_fun, args, kwargs, rng_kwarg):
-    x = args[0] if args else None
-    if not hasattr(x, "shape") or not x.shape or x.shape[0] != total:
-      return next_fun(*args, **kwargs)
-    if kind == "batch_norm" and batch_stats == "mixed":
-      mask = layout.mixed_rows.reshape((total,) + (1,) * (x.ndim - 1))
-      if kwargs.get("mask") is not None:
-        mask = jnp.logical_and(mask, kwargs["mask"])
-      return next_fun(*args, **{**kwargs, "mask": mask})
-    if kind == "dropout":
-      a, b = layout.split(x)
-      out_a = next_fun(a, *args[1:], **kwargs)
-      calls[0] += 1
-      out_b = next_fun(b, *args[1:], **{**kwargs,
-                                        rng_kwarg: jax.random.fold_in(clean_key, calls[0])})
-      return interleave(out_a, out_b, layout.groups)
-    return next_fun(*args, **kwargs)
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
-            "dropout" if isinstance(context.module, nn.Dropout) else None)
-    return rows(kind, next_fun, args, kwargs, "rng")
-
-  with nn.intercept_methods(interceptor), objectives.nnx_call_hook(
-      lambda model: _nnx_rows(model, rows)):
-    yield
-
-
-@contextlib.contextmanager
-def _nnx_rows(model: Any, rows: Callable[..., Any]):
-  """Routes the calls of the NNX BatchNorm and Dropout layers of `model` through `rows`."""
-  from flax import nnx
-  swapped = []
-  walk = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
-  for _, sub in walk:
-    kind = ("batch_norm" if isinstance(sub, nnx.BatchNorm) else
-            "dropout" if isinstance(sub, nnx.Dropout) else None)
-    if kind is not None:
-      swapped.append((sub, type(sub)))
-      sub.__class__ = _routed_class(type(sub), kind)
-  _NNX_ROWS.append(rows)
-  try:
-    yield
-  finally:
-    _NNX_ROWS.pop()
-    for sub, cls in swapped:
-      sub.__class__ = cls
-
-
-_NNX_ROWS: list[Callable[..., Any]] = []  # The innermost active `rows` of `_nnx_rows`.
-
-
-@functools.cache
-def _routed_class(cls: type, kind: str) -> type:
-  """A subclass of an NNX layer class whose `__call__` goes through the active `rows`."""
-
-  def __call__(self, *args, **kwargs):
-    return _NNX_ROWS[-1](kind, functools.partial(cls.__call__, self), args, kwargs, "rngs")
-
-  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
 
 
 SUBSET_SALT = 0x6D78  # The clean subset is drawn with key fold_in(step key, SUBSET_SALT).
@@ -307,10 +180,14 @@ def _take_rows(tree: PyTree, idx: jax.Array, rows_per_shard: int, mesh, axis_nam
 
 
 @dataclasses.dataclass(frozen=True)
-class MixupE:
-  """MixupE around a `Mixup` or an `Amp` objective (see the module docstring).
+class MixupE(objectives.Wrapper):
+  """MixupE around any objective whose loss is a per-example mean (see the module docstring).
 
-  alpha, beta: the Beta(alpha, beta) of the mixing policy (for E[1 - lam]).
+  base: `base.decomposes` (mixup, Untied MixUp, DAT, AMP around them, ERM
+    (the paper's Table 7 "ERM + additional loss"), or a user's `Wrapper`).
+  alpha, beta: the Beta(alpha, beta) of the D_lam whose E[1 - lam] weighs R.
+    `mixupe()` reads them from the base's policy; pass them only for a base
+    without one (ERM).
   eta: weight of R (the paper: 1e-3 for most image runs).
   exact: use q (a JVP along E[x'] - x_i, float inputs) instead of q^.
   mean: E[x'] for `exact`: a pytree like one example, 'batch', or None (running mean).
@@ -319,7 +196,6 @@ class MixupE:
   groups: groups for the clean subset and the concatenated layout (default:
     the base's mesh shards along its axis, else 1).
   """
-  base: Any
   alpha: float = 1.0
   beta: Optional[float] = None
   eta: float = 1e-3
@@ -330,10 +206,14 @@ class MixupE:
   rho: float = 1.0
   groups: Optional[int] = None
 
+  decomposes = False  # eta_hat * (L_mix + eta R) is not a per-example mean.
+
   def __post_init__(self):
-    if not isinstance(self.base, (objectives.Mixup, amp_lib.Amp)):
-      raise ValueError(f"mixupe wraps a mixup-family objective (objectives.Mixup or amp.Amp), "
-                       f"got {type(self.base).__name__}.")
+    super().__post_init__()
+    if not getattr(self.base, "decomposes", False):
+      raise ValueError(f"mixupe adds its term to a loss that is a mean of per-example losses; "
+                       f"{type(self.base).__name__}'s is not (mixupe is applied once, "
+                       f"outermost: mixupe(amp(base))).")
     sampling.expected_one_minus_lam(self.alpha, self.beta)  # Validates alpha and beta.
     try:
       eta = float(self.eta)
@@ -357,27 +237,19 @@ class MixupE:
     if self.groups is not None and (int(self.groups) != self.groups or self.groups < 1):
       raise ValueError(f"groups must be a positive integer or None, got {self.groups!r}.")
 
-  @property
-  def to_logits(self) -> Callable[[jax.Array], jax.Array]:
-    return self.mixup.to_logits
-
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """The base's collections, plus the running mean of the inputs for exact q with mean=None."""
     state = dict(self.base.init(sample_inputs))
     if self.exact and self.mean is None:
-      state.update(init_running_mean(sample_inputs))
+      state.update(_init_running_mean(sample_inputs))
     return state
 
-  @property
-  def mixup(self) -> objectives.Mixup:
-    return amp_lib.mixup_base(self.base)
-
   def _groups(self) -> int:
-    m = self.mixup
-    shards = mixing.num_shards(m.mesh, m.axis_name) if m.mesh is not None else None
+    mesh, axis = self.base.mesh, self.base.axis_name
+    shards = mixing.num_shards(mesh, axis) if mesh is not None else None
     if self.groups is not None and shards is not None and int(self.groups) != shards:
       raise ValueError(f"groups={self.groups} must equal the {shards} shards of the mesh axis "
-                       f"{m.axis_name!r} (or be None).")
+                       f"{axis!r} (or be None).")
     if self.groups is not None:
       return int(self.groups)
     return shards or 1
@@ -390,27 +262,27 @@ class MixupE:
       return self.mean, None
     if running is None:
       raise ValueError("mixupe(exact=True, mean=None) keeps a running mean of the inputs in the "
-                       "model state: add mixupe.init_running_mean(sample_inputs) to the "
-                       "variables, or pass mean=<dataset mean> or mean='batch'.")
+                       "model state: merge objective.init(sample_inputs) into the variables, or "
+                       "pass mean=<dataset mean> or mean='batch'.")
     state = update_running_mean(running, inputs)
     return jax.lax.stop_gradient(state["mean"]), state
 
   def __call__(self, apply, variables, inputs, labels, key):
-    base = self.mixup
+    base = self.base
+    mesh, axis = base.mesh, base.axis_name
     variables = dict(variables)
     running = variables.pop(STATE_COLLECTION, None)
     model_vars = variables
-    prepared = amp_lib.prepare(self.base, apply, model_vars, inputs, labels, key)
+    prepared = base.prepare(apply, model_vars, inputs, labels, key)
     draw = prepared.draw
     batch = checks.batch_size("inputs", inputs)
     groups = self._groups()
     if batch % groups:
       raise ValueError(f"batch size {batch} is not divisible by groups={groups}.")
     idx = clean_subset(jax.random.fold_in(key, SUBSET_SALT), batch, groups, self.rho)
-    clean = inputs if idx is None else _take_rows(inputs, idx, batch // groups, base.mesh,
-                                                  base.axis_name)
+    clean = inputs if idx is None else _take_rows(inputs, idx, batch // groups, mesh, axis)
     targets = draw.targets_a if idx is None else _take_rows(
-        draw.targets_a, idx, batch // groups, base.mesh, base.axis_name)
+        draw.targets_a, idx, batch // groups, mesh, axis)
 
     new_running = None
     tangent = None
@@ -421,7 +293,7 @@ class MixupE:
           x.dtype), mean, clean)
 
     if self.clean_pass == "separate":
-      per_example, _, state = amp_lib.final_losses(base, apply, model_vars, inputs, prepared)
+      per_example, _, state = base.losses(apply, model_vars, inputs, prepared)
       run = lambda xc: apply(model_vars, xc, key=prepared.key)  # noqa: E731
       if tangent is None:
         out_c, _ = run(clean)
@@ -449,35 +321,35 @@ class MixupE:
 
   def _concat_pass(self, apply, variables, inputs, clean, idx, tangent, prepared, groups):
     """One forward over [mixed; clean] rows: (per-example L_mix, clean outputs, JVP, state)."""
-    base = self.mixup
+    base = self.base
     draw = prepared.draw
     batch = checks.batch_size("inputs", inputs)
     k = checks.batch_size("clean inputs", clean)
-    layout = _Layout(batch, k, groups)
+    layout = adapters.RowLayout.of(batch, k, groups)
     clean_key = jax.random.fold_in(prepared.key, 0x636C)
-    ctx = lambda: _mixed_rows_only(layout, self.batch_stats, clean_key)  # noqa: E731
+    ctx = lambda: adapters.mixed_rows_only(layout, self.batch_stats, clean_key)  # noqa: E731
+    spec = base.mix_spec(draw) if base.mixes else None
 
     if prepared.encoded is not None and tangent is None:
       # AMP on a split model: the encoder ran once; concatenate at the split point.
       enc = prepared.encoded
-      spec = draw.spec
-      hm = mixing.mix_with_partner(enc.h, spec.perm, spec.lam, mesh=spec.mesh,
-                                   axis_name=spec.axis_name)
-      h_clean = enc.h if idx is None else _take_rows(enc.h, idx, batch // groups, spec.mesh,
-                                                     spec.axis_name)
+      h_mixed = enc.h if spec is None else spec.mix(enc.h)
+      h_clean = enc.h if idx is None else _take_rows(enc.h, idx, batch // groups, base.mesh,
+                                                     base.axis_name)
       with ctx():
-        out, head_state = apply.head(enc.head_variables, interleave(hm, h_clean, groups),
+        out, head_state = apply.head(enc.head_variables,
+                                     adapters.interleave(h_mixed, h_clean, groups),
                                      key=prepared.key)
       state = {**enc.state, **dict(head_state)}
       out_m, out_c = layout.split(out)
       out_dot = None
     else:
-      spec = layout.spec(draw.spec)
+      row_spec = None if spec is None else layout.spec(spec)
 
       def run(xc):
         with ctx():
-          out, state = apply(variables, interleave(inputs, xc, groups), key=prepared.key,
-                             mix=spec)
+          out, state = apply(variables, adapters.interleave(inputs, xc, groups),
+                             key=prepared.key, mix=row_spec)
         return out, state
 
       if tangent is None:
@@ -488,25 +360,37 @@ class MixupE:
         out, out_dot_all, state = jax.jvp(run, (clean,), (tangent,), has_aux=True)
         out_m, out_c = layout.split(out)
         out_dot = layout.split(out_dot_all)[1]
-    per_example = losses_lib.mixup_loss(base.loss_fn, out_m, draw.targets_a, draw.targets_b,
-                                        draw.coeffs.lam_y, base.interpolate)
-    return per_example, out_c, out_dot, state
+    return base.per_example(out_m, draw), out_c, out_dot, state
 
 
-def mixupe(objective: Any, alpha: Optional[float] = None, beta: Optional[float] = None,
-           eta: float = 1e-3, exact: bool = False, mean: Union[None, str, PyTree] = None,
-           clean_pass: str = "concat", batch_stats: str = "mixed", rho: float = 1.0,
-           groups: Optional[int] = None) -> MixupE:
-  """MixupE around a `Mixup` or `Amp` objective (see `MixupE`).
+def mixupe(objective: objectives.Objective, alpha: Optional[float] = None,
+           beta: Optional[float] = None, eta: float = 1e-3, exact: bool = False,
+           mean: Union[None, str, PyTree] = None, clean_pass: str = "concat",
+           batch_stats: str = "mixed", rho: float = 1.0, groups: Optional[int] = None) -> MixupE:
+  """MixupE around an objective (see `MixupE`).
 
-  `alpha`, `beta`: the Beta(alpha, beta) of the mixing policy, for
-  E_{D_lam}[1 - lam]; by default read from the policy's `beta_params`.
+  `alpha`, `beta`: the Beta(alpha, beta) whose D_lam gives E[1 - lam]. Read
+  from the base's policy (`policy.alpha`, `policy.beta`); pass them only for a
+  base without a Beta policy (ERM), or equal to the policy's.
   """
-  base = amp_lib.mixup_base(objective)
-  if alpha is None and isinstance(base, objectives.Mixup):  # Other objectives fail in MixupE.
-    params = getattr(base.policy, "beta_params", None)
-    if params is None:
-      raise ValueError("mixupe needs alpha (and beta) of the mixing policy's Beta(alpha, beta): "
-                       "this policy does not carry `beta_params`, so pass them explicitly.")
+  policy = getattr(objective, "policy", None)
+  params = _beta_params(policy)
+  if params is not None:
+    if alpha is not None and (float(alpha), float(alpha if beta is None else beta)) != params:
+      raise ValueError(f"mixupe(alpha={alpha}, beta={beta}) disagrees with the base policy's "
+                       f"Beta{params}; leave alpha and beta unset to use the policy's.")
     alpha, beta = params
+  elif alpha is None:
+    raise ValueError("mixupe needs the Beta(alpha, beta) whose E[1 - lam] weighs its term: the "
+                     "base has no Beta policy (e.g. ERM), so pass alpha (and beta).")
   return MixupE(objective, alpha, beta, eta, exact, mean, clean_pass, batch_stats, rho, groups)
+
+
+def _beta_params(policy: Any) -> Optional[tuple[float, float]]:
+  """(alpha, beta) of a Beta-based policy, or None."""
+  if policy is None:
+    return None
+  if hasattr(policy, "alpha") and getattr(policy, "beta", None) is not None:
+    return float(policy.alpha), float(policy.beta)
+  params = getattr(policy, "beta_params", None)
+  return None if params is None else (float(params[0]), float(params[1]))

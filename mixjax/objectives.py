@@ -1,26 +1,51 @@
-"""Training objectives: a model's apply function and a method -> a scalar loss.
+"""Training objectives: one protocol, `Erm` and `Mixup`, and `Wrapper` for the methods above them.
 
-An objective is called as `objective(apply, variables, inputs, labels, key)`
-and returns `(loss f32[], (new_model_state, metrics))`, so a train step is
-generic over methods. `apply(variables, inputs, *, key, mix)` runs the model
-(`make_apply` builds one from a linen module, `make_apply_fn` from a plain
-function) and returns `(outputs, new_model_state)`; `mix` is a `MixSpec` or
-None. AMP (`mixjax.amp`) and MixupE (`mixjax.mixupe`) wrap `Mixup` objectives.
+An objective turns a model's `ApplyFn` (`mixjax.adapters`) and a batch into a
+scalar loss. Every objective implements the same protocol (like optax's
+`GradientTransformation`), so wrappers such as `amp.amp(obj)` and
+`mixupe.mixupe(obj)` take any objective that implements it:
+
+  init(sample_inputs) -> dict
+      Extra model-state collections the objective keeps between steps
+      (MixupE's running mean); merged into the variables, returned updated in
+      the new model state. {} for most objectives.
+  prepare(apply, variables, inputs, labels, key) -> Prepared
+      Everything before the final pass: the `mixing.Draw` (coefficients,
+      partners, targets), the final pass's dropout key, optional encoder
+      output, metrics.
+  forward(apply, variables, inputs, prepared) -> (outputs, new_model_state)
+      The final pass.
+  per_example(outputs, draw) -> f32[B]
+      Per-example losses from the outputs.
+  losses(apply, variables, inputs, prepared) -> (f32[B], outputs, new_model_state)
+      `forward` then `per_example`.
+  __call__(apply, variables, inputs, labels, key) -> (loss f32[], (new_model_state, metrics))
+      What a train step differentiates.
+
+and carries the attributes `loss_fn`, `to_logits` (outputs -> class scores),
+`policy` (the mixing policy, None for ERM), `point` (None: input mixing),
+`mesh`, `axis_name`, `decomposes` (the loss is the mean of `losses`, so a
+wrapper may re-weigh or perturb it per example) and `mixes` (the draw has
+mixing coefficients and partners).
+
+`Wrapper` is the base for objectives built on another: it forwards every
+method and attribute to `base`, so a wrapper overrides only what it changes.
+A confidence penalty, for example, is a `Wrapper` whose `per_example` adds
+`-beta * entropy(softmax(outputs))` to `self.base.per_example(outputs, draw)`;
+it composes with `amp` and `mixupe` in any meaningful order (see
+docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol, runtime_checkable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mixjax import checks
-from mixjax import hidden
+from mixjax import adapters
 from mixjax import losses as losses_lib
 from mixjax import mixing
 from mixjax import pairing as pairing_lib
@@ -28,119 +53,47 @@ from mixjax import policies
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+ApplyFn = adapters.ApplyFn
 
 
-class MixSpec(NamedTuple):
-  """Where and how to mix inside a forward pass.
+class Prepared(NamedTuple):
+  """Everything before the final pass of a step.
 
-  point: None for the input, else a submodule path (e.g. 'stage2').
-  lam: f32[] or f32[B] input coefficient; perm: int32[B] partner indices.
-  mesh/axis_name: shard-local mixing over a sharded batch (see `mixing`).
+  draw: the `mixing.Draw`; its `coeffs.lam_x` is the input coefficient of the
+    final pass (AMP: `lam_final`, f32[B]).
+  key: dropout key of the final pass.
+  encoded: `adapters.Encoded` when the encoder of a `SplitApply` already ran
+    (the final pass runs the head only), else None.
+  metrics: f32[] scalars.
   """
-  point: Optional[str]
-  lam: jax.Array
-  perm: jax.Array
-  mesh: Optional[Mesh] = None
-  axis_name: mixing.AxisName = "data"
+  draw: mixing.Draw
+  key: Optional[jax.Array]
+  encoded: Optional[adapters.Encoded]
+  metrics: Metrics
 
 
-ApplyFn = Callable[..., tuple[Any, PyTree]]
-Objective = Callable[[ApplyFn, PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, Metrics]]]
+@runtime_checkable
+class Objective(Protocol):
+  """The objective protocol (see the module docstring)."""
+  loss_fn: losses_lib.LossFn
+  decomposes: bool
+  mixes: bool
 
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]: ...
 
-def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
-               train_arg: Optional[str] = "train") -> ApplyFn:
-  """An `ApplyFn` for a linen module called as `module(x, train=train)`.
+  def prepare(self, apply: ApplyFn, variables: PyTree, inputs: PyTree, labels: jax.Array,
+              key: jax.Array) -> Prepared: ...
 
-  Collections in `mutable` that are present in `variables` are updated when
-  `train` and returned as the new model state ({} otherwise). `key` seeds the
-  'dropout' stream. `train_arg=None` for modules without a train flag.
-  """
-  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
-    rngs = {"dropout": key} if key is not None else {}
-    kwargs = {train_arg: train} if train_arg else {}
-    cols = [c for c in mutable if c in variables] if train else []
-    if mix is not None and mix.point is None:
-      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
-                                       axis_name=mix.axis_name)
-    ctx = (hidden.mix_at(mix.point, mix.lam, mix.perm, mesh=mix.mesh, axis_name=mix.axis_name)
-           if mix is not None and mix.point is not None else contextlib.nullcontext())
-    with ctx:
-      if cols:
-        out, state = module.apply(variables, inputs, rngs=rngs, mutable=cols, **kwargs)
-        return out, dict(state)
-      return module.apply(variables, inputs, rngs=rngs, **kwargs), {}
-  return apply
+  def forward(self, apply: ApplyFn, variables: PyTree, inputs: PyTree,
+              prepared: Prepared) -> tuple[Any, PyTree]: ...
 
+  def per_example(self, outputs: Any, draw: mixing.Draw) -> jax.Array: ...
 
-def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
-  """An `ApplyFn` for a plain `fn(params, x) -> outputs` (variables = {'params': params})."""
-  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
-    del key
-    if mix is not None:
-      if mix.point is not None:
-        raise ValueError("a plain apply function has no submodules: use point=None (input mixing).")
-      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
-                                       axis_name=mix.axis_name)
-    return fn(variables["params"], inputs), {}
-  return apply
+  def losses(self, apply: ApplyFn, variables: PyTree, inputs: PyTree,
+             prepared: Prepared) -> tuple[jax.Array, Any, PyTree]: ...
 
-
-_NNX_HOOKS: list[Callable[[Any], Any]] = []
-
-
-@contextlib.contextmanager
-def nnx_call_hook(hook: Callable[[Any], Any]):
-  """While active, `make_nnx_apply`'s apply runs the model inside `hook(model)`.
-
-  `hook` takes the merged `nnx.Module` and returns a context manager; it is the
-  NNX counterpart of `flax.linen.intercept_methods` (MixupE uses it to route
-  the batch-norm and dropout layers of its concatenated pass). Like linen's
-  interceptors it acts while the apply function is traced.
-  """
-  _NNX_HOOKS.append(hook)
-  try:
-    yield
-  finally:
-    _NNX_HOOKS.remove(hook)
-
-
-def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
-  """An `ApplyFn` and its initial variables for a `flax.nnx` model.
-
-  Returns `(apply, variables)` with `variables = {'params': nnx.State of
-  nnx.Param, 'nnx_state': the rest (batch statistics, RNG counters)}`; the new
-  model state returned by `apply` is `{'nnx_state': ...}`. The model's RNG keys
-  are replaced by keys folded from `key` (so dropout is a pure function of
-  it); `train` selects `model.train()` or `model.eval()` behaviour.
-  """
-  from flax import nnx
-
-  graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)
-  copy = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # noqa: E731  (fresh Variables)
-
-  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
-    keys = copy(rng_keys)
-    if key is not None:
-      leaves, treedef = jax.tree_util.tree_flatten(keys)
-      keys = jax.tree_util.tree_unflatten(
-          treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
-    m = nnx.merge(graphdef, copy(variables["params"]), keys, copy(variables["nnx_state"]))
-    m.train() if train else m.eval()
-    if mix is not None and mix.point is None:
-      inputs = mixing.mix_with_partner(inputs, mix.perm, mix.lam, mesh=mix.mesh,
-                                       axis_name=mix.axis_name)
-    ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
-                             axis_name=mix.axis_name)
-           if mix is not None and mix.point is not None else contextlib.nullcontext())
-    with ctx, contextlib.ExitStack() as hooks:
-      for hook in list(_NNX_HOOKS):
-        hooks.enter_context(hook(m))
-      out = m(inputs)
-    _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
-    return out, {"nnx_state": new_rest}
-
-  return apply, {"params": params, "nnx_state": rest}
+  def __call__(self, apply: ApplyFn, variables: PyTree, inputs: PyTree, labels: jax.Array,
+               key: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]: ...
 
 
 def identity(x):
@@ -148,36 +101,58 @@ def identity(x):
   return x
 
 
+class _Steps:
+  """The protocol's derived methods, in terms of `prepare`, `forward` and `per_example`."""
+
+  def losses(self, apply: ApplyFn, variables: PyTree, inputs: PyTree,
+             prepared: Prepared) -> tuple[jax.Array, Any, PyTree]:
+    """(per-example losses f32[B], outputs, new model state) of the final pass."""
+    outputs, state = self.forward(apply, variables, inputs, prepared)
+    return self.per_example(outputs, prepared.draw), outputs, state
+
+  def __call__(self, apply, variables, inputs, labels, key):
+    prepared = self.prepare(apply, variables, inputs, labels, key)
+    per_example, _, state = self.losses(apply, variables, inputs, prepared)
+    loss = jnp.mean(per_example)
+    return loss, (state, {**prepared.metrics, "loss": loss})
+
+
 @dataclasses.dataclass(frozen=True)
-class Erm:
+class Erm(_Steps):
   """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`."""
   loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
   num_classes: Optional[int] = None
   label_smoothing: float = 0.0
   to_logits: Callable[[jax.Array], jax.Array] = identity
 
+  decomposes = True
+  mixes = False
+  policy = None
+  point = None
+  mesh = None
+  axis_name = "data"
+
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """Extra model-state collections this objective keeps ({}: none)."""
     del sample_inputs
     return {}
 
-  def __call__(self, apply, variables, inputs, labels, key):
+  def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
+    """The targets (no mixing); the whole key is the final pass's dropout key."""
+    del apply, variables
+    mixing.check_batch(inputs, labels, float_inputs=False)
     targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
-    outputs, state = apply(variables, inputs, key=key)
-    loss = jnp.mean(self.loss_fn(outputs, targets))
-    return loss, (state, {"loss": loss})
+    return Prepared(mixing.Draw(None, None, targets, None), key, None, {})
 
+  def forward(self, apply, variables, inputs, prepared):
+    return apply(variables, inputs, key=prepared.key)
 
-class Draw(NamedTuple):
-  """The random part of a mixup step: spec (MixSpec), coeffs, targets of i and of perm[i]."""
-  spec: MixSpec
-  coeffs: policies.Coefficients
-  targets_a: jax.Array
-  targets_b: jax.Array
+  def per_example(self, outputs, draw):
+    return self.loss_fn(outputs, draw.targets_a)
 
 
 @dataclasses.dataclass(frozen=True)
-class Mixup:
+class Mixup(_Steps):
   """The mixup family as an objective: the policy picks mixup, Untied MixUp or DAT.
 
   point: None mixes inputs, a submodule path mixes that hidden output.
@@ -195,46 +170,90 @@ class Mixup:
   axis_name: mixing.AxisName = "data"
   to_logits: Callable[[jax.Array], jax.Array] = identity
 
+  decomposes = True
+  mixes = True
+
+  def __post_init__(self):
+    if not callable(self.policy):
+      raise ValueError(f"policy must be a mixing policy such as policies.mixup(1.0), got "
+                       f"{self.policy!r}.")
+
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """Extra model-state collections this objective keeps ({}: none)."""
     del sample_inputs
     return {}
 
-  def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> Draw:
-    """Samples coefficients and partners for a batch."""
-    if self.point is None:  # Hidden-layer mixing may take token ids as inputs.
-      checks.float_leaves("inputs", inputs)
-    batch = checks.batch_size("inputs", inputs)
-    if checks.batch_size("labels", labels) != batch:
-      raise ValueError(f"labels have batch size {checks.batch_size('labels', labels)} but "
-                       f"inputs have {batch}; they must match.")
-    targets = mixing.to_targets(labels, self.num_classes, self.label_smoothing)
-    k_lam, k_pair = jax.random.split(key)
-    coeffs = self.policy(k_lam, batch)
-    perm = mixing.pair(k_pair, mixing.class_ids(labels), self.pairing, mesh=self.mesh,
-                       axis_name=self.axis_name)
-    spec = MixSpec(self.point, coeffs.lam_x, perm, self.mesh, self.axis_name)
-    targets_b = mixing.take(targets, perm, mesh=self.mesh, axis_name=self.axis_name)
-    return Draw(spec, coeffs, targets, targets_b)
+  def draw(self, key: jax.Array, inputs: PyTree, labels: jax.Array) -> mixing.Draw:
+    """Samples coefficients and partners for a batch (`mixing.draw`, as `mix_batch` does)."""
+    # Hidden-layer mixing may take token ids as inputs.
+    batch = mixing.check_batch(inputs, labels, float_inputs=self.point is None)
+    return mixing.draw(key, labels, batch, policy=self.policy, pairing=self.pairing,
+                       num_classes=self.num_classes, label_smoothing=self.label_smoothing,
+                       mesh=self.mesh, axis_name=self.axis_name)
 
-  def losses(self, apply: ApplyFn, variables: PyTree, inputs: PyTree, draw: Draw,
-             key: Optional[jax.Array], lam_x: Optional[jax.Array] = None):
-    """Per-example losses f32[B] (and outputs, new model state) for a draw.
+  def mix_spec(self, draw: mixing.Draw) -> adapters.MixSpec:
+    """Where and how the final pass mixes, at the draw's input coefficient."""
+    return adapters.MixSpec(self.point, draw.coeffs.lam_x, draw.perm, self.mesh, self.axis_name)
 
-    `lam_x` overrides the input coefficient (the label one stays `draw.coeffs.lam_y`).
-    """
-    spec = draw.spec if lam_x is None else draw.spec._replace(lam=lam_x)
-    outputs, state = apply(variables, inputs, key=key, mix=spec)
-    per_example = losses_lib.mixup_loss(self.loss_fn, outputs, draw.targets_a, draw.targets_b,
-                                        draw.coeffs.lam_y, self.interpolate)
-    return per_example, outputs, state
-
-  def __call__(self, apply, variables, inputs, labels, key):
+  def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
+    """The draw (from the first half of `key`); the second half is the dropout key."""
+    del apply, variables
     k_mix, k_drop = jax.random.split(key)
     draw = self.draw(k_mix, inputs, labels)
-    per_example, _, state = self.losses(apply, variables, inputs, draw, k_drop)
-    loss = jnp.mean(per_example)
-    return loss, (state, {"loss": loss, "lam_mean": jnp.mean(draw.coeffs.lam_x)})
+    return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(draw.coeffs.lam_x)})
+
+  def forward(self, apply, variables, inputs, prepared):
+    spec = self.mix_spec(prepared.draw)
+    if prepared.encoded is not None:
+      return apply.run_head(prepared.encoded, prepared.key, spec)
+    return apply(variables, inputs, key=prepared.key, mix=spec)
+
+  def per_example(self, outputs, draw):
+    return losses_lib.mixup_loss(self.loss_fn, outputs, draw.targets_a, draw.targets_b,
+                                 draw.coeffs.lam_y, self.interpolate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrapper(_Steps):
+  """An objective built on `base`: every method and attribute not overridden is the base's.
+
+  Subclass it as a frozen dataclass with `base` as the first field and
+  override what the wrapper changes (e.g. `per_example` to add a penalty,
+  `prepare` to change the draw). Wrappers nest: `amp(mixupe(...))` is refused
+  by `amp`, see each wrapper's docstring for the orders it accepts.
+  """
+  base: Any
+
+  def __post_init__(self):
+    missing = [m for m in ("init", "prepare", "forward", "per_example", "losses")
+               if not callable(getattr(self.base, m, None))]
+    if missing:
+      raise ValueError(f"{type(self).__name__} wraps an objective (mixjax.objectives protocol: "
+                       f"init, prepare, forward, per_example, losses), but base "
+                       f"{type(self.base).__name__} lacks {missing}.")
+
+  def __getattr__(self, name: str) -> Any:
+    if name == "base" or name.startswith("__"):  # Not set yet (copy/pickle): no recursion.
+      raise AttributeError(name)
+    return getattr(self.base, name)
+
+  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
+    return self.base.init(sample_inputs)
+
+  def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
+    return self.base.prepare(apply, variables, inputs, labels, key)
+
+  def forward(self, apply, variables, inputs, prepared):
+    return self.base.forward(apply, variables, inputs, prepared)
+
+  def per_example(self, outputs, draw):
+    return self.base.per_example(outputs, draw)
+
+
+def with_lam_x(prepared: Prepared, lam_x: jax.Array) -> Prepared:
+  """`prepared` with the input coefficient replaced (the label one stays)."""
+  coeffs = prepared.draw.coeffs._replace(lam_x=lam_x)
+  return prepared._replace(draw=prepared.draw._replace(coeffs=coeffs))
 
 
 def erm(loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixjax import adapters
 from mixjax import losses as losses_lib
 from mixjax import objectives as objectives_lib
 from mixjax import optim
@@ -77,7 +78,7 @@ def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Objective,
-               apply: objectives_lib.ApplyFn, tx: optax.GradientTransformation,
+               apply: adapters.ApplyFn, tx: optax.GradientTransformation,
                schedule: Optional[optax.Schedule] = None, ema_decay: float = 0.0,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch.
@@ -150,7 +151,7 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def eval_step(variables: PyTree, batch: Batch, *, apply: objectives_lib.ApplyFn,
+def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
               num_classes: int,
               loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
               to_logits: Callable[[jax.Array], jax.Array] = lambda x: x) -> dict[str, jax.Array]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixjax import amp, losses, methods, objectives, policies
+from mixjax import adapters, amp, losses, methods, objectives, policies
 
 
 def _xent64(logits, targets):
@@ -77,14 +77,14 @@ def test_lambda_gradient_equals_central_differences(kind):
     base = objectives.mixup(policies.untied_mixup(0.7, 1.3), num_classes=3, point=point,
                             loss_fn=_xent64)
     draw = base.draw(jax.random.key(1), x, y)
-    lam = jnp.asarray(draw.spec.lam, jnp.float64)
+    lam = jnp.asarray(draw.coeffs.lam_x, jnp.float64)
     key = jax.random.key(2)
     obj = amp.amp(base)
-    loss_fn, _ = obj.lambda_loss(apply, v, x, draw, key)
+    loss_fn = obj.lambda_loss(apply, v, x, objectives.Prepared(draw, key, None, {}))
     grad, per_example = jax.jit(lambda l: amp.lam_grad(loss_fn, l))(lam)
 
     def reference(l):  # Independent: explicit mixing and interpolated cross-entropy, summed.
-      out, _ = apply(v, x, key=key, mix=objectives.MixSpec(point, l, draw.spec.perm))
+      out, _ = apply(v, x, key=key, mix=adapters.MixSpec(point, l, draw.perm))
       ly = draw.coeffs.lam_y
       return jnp.sum(ly * _xent64(out, draw.targets_a) + (1 - ly) * _xent64(out, draw.targets_b))
 
@@ -96,7 +96,7 @@ def test_lambda_gradient_equals_central_differences(kind):
     assert np.abs(fd).max() > 1e-2  # Not a vacuous check.
     # The labels keep their coefficient: moving only lam_x changes the loss.
     ly = draw.coeffs.lam_y
-    out, _ = apply(v, x, key=key, mix=objectives.MixSpec(point, lam, draw.spec.perm))
+    out, _ = apply(v, x, key=key, mix=adapters.MixSpec(point, lam, draw.perm))
     np.testing.assert_allclose(
         per_example, ly * _xent64(out, draw.targets_a) + (1 - ly) * _xent64(out, draw.targets_b),
         rtol=1e-10)
@@ -107,7 +107,7 @@ def _cnn_setup(b=8):
   x = jnp.asarray(rng.normal(size=(b, 5, 5, 2)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, b))
   v = CNN().init(jax.random.key(0), x)
-  return objectives.make_apply(CNN(), train=True), v, x, y
+  return adapters.make_apply(CNN(), train=True), v, x, y
 
 
 def _value_and_grad(obj, apply, v, x, y, key=jax.random.key(3)):
@@ -132,7 +132,7 @@ def test_eps_zero_equals_mixup():
       assert float(got[2]["amp_grad_abs"]) > 0
   # Also inside jit, where XLA compiles the whole step as one program (small model).
   fn, mv, mx, my = _mlp()
-  mlp = objectives.make_apply_fn(fn)
+  mlp = adapters.make_apply_fn(fn)
   jit_ref = jax.jit(lambda: _value_and_grad(base, mlp, mv, mx, my))()
   jit_got = jax.jit(lambda: _value_and_grad(amp.amp(base, eps=0.0), mlp, mv, mx, my))()
   np.testing.assert_allclose(jit_got[0], jit_ref[0], rtol=1e-6)
@@ -157,7 +157,7 @@ def _mlp(b=8):
 
 def test_min_step_mask_and_parameter_gradient_against_explicit_computation():
   fn, v, x, y = _mlp()
-  apply = objectives.make_apply_fn(fn)
+  apply = adapters.make_apply_fn(fn)
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
   obj = amp.amp(base, eps=0.4)  # Large steps overshoot: some L' < L.
   key = jax.random.key(7)
@@ -166,7 +166,7 @@ def test_min_step_mask_and_parameter_gradient_against_explicit_computation():
   # Explicit per-example reference, recomputed from scratch.
   k_mix, _ = jax.random.split(key)
   draw = base.draw(k_mix, x, y)
-  lam, perm, ly = draw.spec.lam, draw.spec.perm, draw.coeffs.lam_y
+  lam, perm, ly = draw.coeffs.lam_x, draw.perm, draw.coeffs.lam_y
   ya, yb = draw.targets_a, draw.targets_b
 
   def per_example(p, lx):
@@ -180,7 +180,7 @@ def test_min_step_mask_and_parameter_gradient_against_explicit_computation():
   mask = np.asarray(l1 > l0)
   assert 0 < mask.sum() < len(mask), mask  # The crafted case has both outcomes.
   np.testing.assert_allclose(metrics["amp_mask_frac"], mask.mean())
-  lam_final = obj.prepare(apply, v, x, y, key).draw.spec.lam  # lam' exactly where L' > L.
+  lam_final = obj.prepare(apply, v, x, y, key).draw.coeffs.lam_x  # lam' exactly where L' > L.
   np.testing.assert_allclose(lam_final, np.where(mask, lam_adv, lam), rtol=1e-6)
   np.testing.assert_allclose(metrics["amp_loss"], l0.mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["amp_loss_adv"], l1.mean(), rtol=1e-5)
@@ -200,7 +200,7 @@ def test_min_step_mask_and_parameter_gradient_against_explicit_computation():
       rtol=1e-4, atol=1e-6)
   # lam' stays in [0, 1] even with a huge step.
   lam_final = np.asarray(jax.jit(lambda: amp.amp(base, eps=50.0, mode="max").prepare(
-      apply, v, x, y, key).draw.spec.lam)())
+      apply, v, x, y, key).draw.coeffs.lam_x)())
   assert lam_final.min() >= 0.0 and lam_final.max() <= 1.0
   np.testing.assert_allclose(lam_final, jnp.clip(lam + 50 * jnp.clip(g, -1, 1), 0, 1), atol=1e-6)
   assert np.isin(lam_final, [0.0, 1.0]).sum() >= 4
@@ -232,15 +232,15 @@ def test_split_model_runs_encoder_once_and_equals_intercept_path():
   x = jnp.asarray(rng.normal(size=(8, 5, 5, 2)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 8))
   v = Split().init(jax.random.key(0), x)
-  split = amp.make_split_apply(Split(), point="enc")
+  split = adapters.make_split_apply(Split(), point="enc")
   calls = []
 
   def counting_encode(variables, inputs, *, key=None):
     calls.append(1)
     return split.encode(variables, inputs, key=key)
 
-  counted = amp.SplitApply(counting_encode, split.head, "enc")
-  whole = objectives.make_apply(Split(), train=True)  # Intercepts the 'enc' submodule.
+  counted = adapters.SplitApply(counting_encode, split.head, "enc")
+  whole = adapters.make_apply(Split(), train=True)  # Intercepts the 'enc' submodule.
   base = objectives.mixup(policies.mixup(1.0), num_classes=3, point="enc")
   obj = amp.amp(base, eps=0.05)
   fast = _value_and_grad(obj, counted, v, x, y)
@@ -259,9 +259,9 @@ def test_split_model_runs_encoder_once_and_equals_intercept_path():
     objectives.mixup(policies.mixup(1.0), num_classes=3, point="conv")(
         split, v, x, y, jax.random.key(3))
   with pytest.raises(ValueError, match="no method"):
-    amp.make_split_apply(CNN())
+    adapters.make_split_apply(CNN())
   # Plain functions.
-  f = amp.split_apply_fn(lambda p, x: jnp.tanh(x @ p["a"]), lambda p, h: h @ p["b"], "h")
+  f = adapters.split_apply_fn(lambda p, x: jnp.tanh(x @ p["a"]), lambda p, h: h @ p["b"], "h")
   pv = {"params": {"a": jnp.ones((3, 4)) * 0.1, "b": jnp.ones((4, 3))}}
   xs = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
   hb = objectives.mixup(policies.mixup(1.0), num_classes=3, point="h")
@@ -276,7 +276,7 @@ def test_arguments_composition_and_config():
   for bad in (-0.1, float("nan"), "x"):
     with pytest.raises(ValueError, match="eps"):
       amp.amp(base, eps=bad)
-  with pytest.raises(ValueError, match="mixup-family"):
+  with pytest.raises(ValueError, match="wraps an objective that mixes"):
     amp.amp(objectives.erm(num_classes=3))
   obj = methods.get_objective("untied+amp", num_classes=3, alpha=0.5, beta=1.5,
                                  amp={"eps": 0.01, "mode": "max"})
@@ -285,14 +285,14 @@ def test_arguments_composition_and_config():
   assert cos.to_logits(jnp.ones((2, 4))).shape == (2, 3)
   # DAT keeps the label coefficient at 1 while lam_x moves; per-batch lam becomes per-example.
   fn, v, x, y = _mlp()
-  apply = objectives.make_apply_fn(fn)
+  apply = adapters.make_apply_fn(fn)
   for policy in (policies.dat(0.5), policies.mixup(0.5, per_example=False)):
     b = objectives.mixup(policy, num_classes=3)
     prepared = amp.amp(b, eps=0.3).prepare(apply, v, x, y, jax.random.key(0))
-    assert prepared.draw.spec.lam.shape == (8,)
-    assert float(jnp.abs(prepared.draw.spec.lam - prepared.draw.coeffs.lam_x).max()) > 0
-    np.testing.assert_array_equal(prepared.draw.coeffs.lam_y, b.draw(
-        jax.random.split(jax.random.key(0))[0], x, y).coeffs.lam_y)
+    drawn = b.draw(jax.random.split(jax.random.key(0))[0], x, y).coeffs
+    assert prepared.draw.coeffs.lam_x.shape == (8,)
+    assert float(jnp.abs(prepared.draw.coeffs.lam_x - drawn.lam_x).max()) > 0
+    np.testing.assert_array_equal(prepared.draw.coeffs.lam_y, drawn.lam_y)
 
 
 def test_nnx_model():
@@ -310,7 +310,7 @@ def test_nnx_model():
       return self.out(self.drop(jax.nn.relu(self.bn(self.hidden(x)))))
 
   _, _, x, y = _mlp()
-  apply, variables = objectives.make_nnx_apply(Net(nnx.Rngs(0, dropout=1)))
+  apply, variables = adapters.make_nnx_apply(Net(nnx.Rngs(0, dropout=1)))
   base = objectives.mixup(policies.mixup(1.0), num_classes=3, point="hidden")
   ref = _value_and_grad(base, apply, variables, x, y)
   got = _value_and_grad(amp.amp(base, eps=0.0), apply, variables, x, y)

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import integrate, stats
 
-from mixjax import amp, losses, methods, objectives, pairing, policies, sampling, train_step
+from mixjax import adapters, amp, losses, methods, objectives, pairing, policies, sampling, train_step
 from mixjax import mixupe
 
 
@@ -66,7 +66,7 @@ def test_q_formulas_against_numpy_and_finite_differences():
 
 def _objective_r(fn, params, x, y, **kw):
   obj = mixupe.mixupe(objectives.mixup(policies.mixup(1.0), num_classes=3), **kw)
-  _, (_, metrics) = obj(objectives.make_apply_fn(fn), {"params": params}, x, y, jax.random.key(0))
+  _, (_, metrics) = obj(adapters.make_apply_fn(fn), {"params": params}, x, y, jax.random.key(0))
   return float(metrics["mixupe_q_abs"])
 
 
@@ -102,7 +102,7 @@ def test_expected_one_minus_lam_matches_integral_of_d_lambda(alpha, beta):
 def test_total_loss_gradient_has_the_r_term():
   fn, params = _relu_net(bias=True)
   x, y = _zero_mean_batch(shift=0.3)
-  apply = objectives.make_apply_fn(fn)
+  apply = adapters.make_apply_fn(fn)
   base = objectives.mixup(policies.mixup(0.4, 2.0), num_classes=3)
   eta = 0.5
   obj = mixupe.mixupe(base, alpha=0.4, beta=2.0, eta=eta)
@@ -115,7 +115,7 @@ def test_total_loss_gradient_has_the_r_term():
   draw = base.draw(k_mix, x, y)
 
   def l_mix(p):
-    return base.losses(apply, {"params": p}, x, draw, None)[0].mean()
+    return base.losses(apply, {"params": p}, x, objectives.Prepared(draw, None, None, {}))[0].mean()
 
   def r(p):
     f = fn(p, x)
@@ -163,10 +163,10 @@ class NnxNet(nnx.Module):
 def _net_setup(b=16, framework="linen"):
   x, y = _zero_mean_batch(b, shift=0.5)
   if framework == "nnx":
-    apply, v = objectives.make_nnx_apply(NnxNet(nnx.Rngs(0)), train=True)
+    apply, v = adapters.make_nnx_apply(NnxNet(nnx.Rngs(0)), train=True)
     return apply, v, x, y
   v = Net().init(jax.random.key(0), x)
-  return objectives.make_apply(Net(), train=True), v, x, y
+  return adapters.make_apply(Net(), train=True), v, x, y
 
 
 def _bn_mean(state):
@@ -213,13 +213,13 @@ def test_concat_clean_outputs_are_per_example(framework):
   """With statistics from the mixed rows, perturbing one clean row leaves the others alone."""
   apply, v, x, y = _net_setup(8, framework)
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
-  layout = mixupe._Layout(8, 8, 1)
+  layout = adapters.RowLayout.of(8, 8, 1)
   draw = base.draw(jax.random.key(0), x, y)
 
   def clean_outputs(xc):
-    with mixupe._mixed_rows_only(layout, "mixed", jax.random.key(1)):
-      out, _ = apply(v, mixupe.interleave(x, xc, 1), key=jax.random.key(2),
-                     mix=layout.spec(draw.spec))
+    with adapters.mixed_rows_only(layout, "mixed", jax.random.key(1)):
+      out, _ = apply(v, adapters.interleave(x, xc, 1), key=jax.random.key(2),
+                     mix=layout.spec(base.mix_spec(draw)))
     return layout.split(out)
 
   mixed_a, clean_a = clean_outputs(x)
@@ -233,7 +233,7 @@ def test_concat_clean_outputs_are_per_example(framework):
 def test_rho_subset_and_running_mean():
   fn, params = _relu_net(bias=True)
   x, y = _zero_mean_batch(16, shift=0.5)
-  apply = objectives.make_apply_fn(fn)
+  apply = adapters.make_apply_fn(fn)
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
   key = jax.random.key(9)
   _, (_, m) = mixupe.mixupe(base, rho=0.25, groups=2)(apply, {"params": params}, x, y, key)
@@ -253,9 +253,9 @@ def test_rho_subset_and_running_mean():
 
   # Running mean of the inputs (E[x']) carried in the model state.
   obj = mixupe.mixupe(base, exact=True)
-  with pytest.raises(ValueError, match="init_running_mean"):
+  with pytest.raises(ValueError, match="objective.init"):
     obj(apply, {"params": params}, x, y, key)
-  v = {"params": params, **mixupe.init_running_mean(x)}
+  v = {"params": params, **obj.init(x)}
   _, (s1, _) = obj(apply, v, x[:8], y[:8], key)
   _, (s2, m2) = obj(apply, {"params": params, **s1}, x[8:], y[8:], key)
   np.testing.assert_allclose(s2["mixupe"]["mean"], x.mean(0), atol=1e-6)
@@ -273,8 +273,10 @@ def test_arguments_and_composition():
   for kw in bad:
     with pytest.raises(ValueError):
       mixupe.mixupe(base, **kw)
-  with pytest.raises(ValueError, match="mixup-family"):
+  with pytest.raises(ValueError, match="pass alpha"):
     mixupe.mixupe(objectives.erm(num_classes=3))
+  with pytest.raises(ValueError, match="disagrees with the base policy"):
+    mixupe.mixupe(base, alpha=0.5)
   obj = methods.get_objective("untied+amp+mixupe", num_classes=3, alpha=0.5, beta=2.0,
                                  mixupe={"eta": 0.01, "rho": 0.5})
   assert isinstance(obj, mixupe.MixupE) and isinstance(obj.base, amp.Amp)
@@ -321,8 +323,8 @@ def test_amp_and_mixupe_together_and_split_model():
   vs = Split().init(jax.random.key(0), xi)
   hb = objectives.mixup(policies.mixup(1.0), num_classes=3, point="enc")
   obj = mixupe.mixupe(amp.amp(hb, eps=0.05), rho=0.5)
-  fast = _run(obj, amp.make_split_apply(Split(), point="enc"), vs, xi, yi)
-  slow = _run(obj, objectives.make_apply(Split(), train=True), vs, xi, yi)
+  fast = _run(obj, adapters.make_split_apply(Split(), point="enc"), vs, xi, yi)
+  slow = _run(obj, adapters.make_apply(Split(), train=True), vs, xi, yi)
   for k in ("loss", "loss_mix", "mixupe_r", "amp_mask_frac"):
     np.testing.assert_allclose(fast[2][k], slow[2][k], rtol=1e-5, err_msg=k)
   chex.assert_trees_all_close(fast[3], slow[3], rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixjax import losses, methods, mixing, objectives, pairing, policies
+from mixjax import adapters, losses, methods, mixing, objectives, pairing, policies
 
 
 class Net(nn.Module):
@@ -30,7 +30,7 @@ def test_mixup_objective_equals_manual_computation():
   x, y = _data()
   v = Net().init(jax.random.key(0), x)
   obj = objectives.mixup(policies.mixup(0.5), num_classes=3)
-  apply = objectives.make_apply(Net(), train=True)
+  apply = adapters.make_apply(Net(), train=True)
   loss, (state, metrics) = obj(apply, v, x, y, jax.random.key(1))
   k_mix, k_drop = jax.random.split(jax.random.key(1))
   mb = mixing.mix_batch(k_mix, x, y, policy=policies.mixup(0.5), num_classes=3)
@@ -46,10 +46,10 @@ def test_hidden_point_and_plain_function():
   x, y = _data()
   v = Net().init(jax.random.key(0), x)
   obj = objectives.mixup(policies.mixup(0.5), num_classes=3, point="hidden")
-  loss, _ = obj(objectives.make_apply(Net(), train=False), v, x, y, jax.random.key(1))
+  loss, _ = obj(adapters.make_apply(Net(), train=False), v, x, y, jax.random.key(1))
   assert np.isfinite(loss)
   w = jnp.ones((6, 3)) * 0.1
-  f = objectives.make_apply_fn(lambda p, x: x.reshape(x.shape[0], -1) @ p)
+  f = adapters.make_apply_fn(lambda p, x: x.reshape(x.shape[0], -1) @ p)
   loss_plain, (state, _) = objectives.mixup(policies.mixup(0.5), num_classes=3)(
       f, {"params": w}, x, y, jax.random.key(1))
   assert state == {} and np.isfinite(loss_plain)
@@ -60,7 +60,7 @@ def test_hidden_point_and_plain_function():
 def test_erm_and_get_objective():
   x, y = _data()
   v = Net().init(jax.random.key(0), x)
-  apply = objectives.make_apply(Net(), train=False)
+  apply = adapters.make_apply(Net(), train=False)
   loss, _ = methods.get_objective("erm", num_classes=3)(apply, v, x, y, jax.random.key(0))
   ref = losses.softmax_cross_entropy(Net().apply(v, x), jax.nn.one_hot(y, 3)).mean()
   np.testing.assert_allclose(loss, ref, rtol=1e-6)
@@ -78,7 +78,7 @@ def test_sharded_objective_equals_single_device():
   mesh = Mesh(np.array(jax.devices()), ("data",))
   x, y = _data(32)
   v = Net().init(jax.random.key(0), x)
-  apply = objectives.make_apply(Net(), train=True)
+  apply = adapters.make_apply(Net(), train=True)
   kw = dict(num_classes=3, pairing=pairing.random_permutation)
   sharded_obj = objectives.mixup(policies.mixup(1.0), mesh=mesh, **kw)
   grad_fn = lambda o: jax.jit(jax.value_and_grad(  # noqa: E731
@@ -108,7 +108,7 @@ def test_nnx_model_through_the_same_objectives():
       return self.head(self.drop(jax.nn.relu(x)))
 
   x, y = _data()
-  apply, variables = objectives.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)))
+  apply, variables = adapters.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)))
   obj = objectives.mixup(policies.mixup(0.5), num_classes=3, point="hidden")
 
   @jax.jit
@@ -125,7 +125,7 @@ def test_nnx_model_through_the_same_objectives():
   # Batch statistics moved (train mode) and came back as the new model state.
   assert not np.allclose(state["nnx_state"]["bn"]["mean"][...], 0.0)
   # Eval mode: deterministic, statistics untouched.
-  eval_apply, _ = objectives.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)), train=False)
+  eval_apply, _ = adapters.make_nnx_apply(NNXNet(nnx.Rngs(0, dropout=1)), train=False)
   out, st = eval_apply(variables, x)
   np.testing.assert_allclose(st["nnx_state"]["bn"]["mean"][...], 0.0)
   assert out.shape == (16, 3)
@@ -144,11 +144,11 @@ def test_hidden_mixing_accepts_token_ids():
   tokens = jnp.arange(24).reshape(6, 4) % 20
   v = Text().init(jax.random.key(0), tokens)
   obj = objectives.mixup(policies.mixup(1.0), num_classes=3, point="embed")
-  loss, _ = obj(objectives.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
+  loss, _ = obj(adapters.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
   assert np.isfinite(loss)
   with pytest.raises(ValueError, match="int32"):  # Input mixing of token ids is an error.
     objectives.mixup(policies.mixup(1.0), num_classes=3)(
-        objectives.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
+        adapters.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
 
 
 def test_mixupe_reads_the_policy_beta_params():

@@ -1,0 +1,397 @@
+"""Model adapters: a model (linen, NNX, a plain function, or split at a point) -> an `ApplyFn`.
+
+Objectives run a model only through an `ApplyFn`:
+
+  apply(variables, inputs, *, key=None, mix=None) -> (outputs, new_model_state)
+
+`variables` is `{'params': ..., **model_state}`, `key` seeds dropout, and
+`mix` is a `MixSpec` (mix the inputs, or the output of a named submodule) or
+None. The new model state holds the updated mutable collections ({} when
+there are none or `train=False`).
+
+Adapters here:
+- `make_apply(module)`: a linen module called as `module(x, train=...)`;
+- `make_apply_fn(fn)`: a plain `fn(params, x) -> outputs` (input mixing only);
+- `make_nnx_apply(model)`: a `flax.nnx` model, returning `(apply, variables)`;
+- `SplitApply` / `make_split_apply` / `split_apply_fn`: a model split into
+  `encode` and `head` at a named point, so that passes which re-mix at that
+  point (AMP's lambda passes) re-run the head only;
+- `mixed_rows_only(...)`: routes the batch-norm and dropout layers of a pass
+  over [mixed rows; clean rows] (MixupE's concatenated pass), for linen models
+  and NNX models run by `make_nnx_apply`.
+
+No adapter keeps module-level state: NNX call hooks live in a `ContextVar`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mixjax import hidden
+from mixjax import mixing
+
+PyTree = Any
+
+
+class MixSpec(NamedTuple):
+  """Where and how to mix inside a forward pass.
+
+  point: None for the input, else a submodule path (e.g. 'stage2').
+  lam: f32[] or f32[B] input coefficient; perm: int32[B] partner indices.
+  mesh/axis_name: shard-local mixing over a sharded batch (see `mixing`).
+  """
+  point: Optional[str]
+  lam: jax.Array
+  perm: jax.Array
+  mesh: Optional[Mesh] = None
+  axis_name: mixing.AxisName = "data"
+
+  def mix(self, tree: PyTree) -> PyTree:
+    """`lam * tree + (1 - lam) * tree[perm]` on this spec's mesh."""
+    return mixing.mix_with_partner(tree, self.perm, self.lam, mesh=self.mesh,
+                                   axis_name=self.axis_name)
+
+
+ApplyFn = Callable[..., tuple[Any, PyTree]]
+
+
+def _linen_call(module: nn.Module, variables: PyTree, x: Any, key: Optional[jax.Array],
+                train: bool, mutable: tuple[str, ...], train_arg: Optional[str],
+                method: Any = None) -> tuple[Any, PyTree]:
+  """`module.apply` with dropout `key`, the train flag and the mutable collections present."""
+  rngs = {"dropout": key} if key is not None else {}
+  kwargs = {train_arg: train} if train_arg else {}
+  if method is not None:
+    kwargs["method"] = method
+  cols = [c for c in mutable if c in variables] if train else []
+  if cols:
+    out, state = module.apply(variables, x, rngs=rngs, mutable=cols, **kwargs)
+    return out, dict(state)
+  return module.apply(variables, x, rngs=rngs, **kwargs), {}
+
+
+def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
+               train_arg: Optional[str] = "train") -> ApplyFn:
+  """An `ApplyFn` for a linen module called as `module(x, train=train)`.
+
+  Collections in `mutable` that are present in `variables` are updated when
+  `train` and returned as the new model state ({} otherwise). `key` seeds the
+  'dropout' stream. `train_arg=None` for modules without a train flag. Hidden
+  mixing points are submodule paths (`hidden.mix_at`).
+  """
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    if mix is not None and mix.point is None:
+      inputs = mix.mix(inputs)
+    ctx = (hidden.mix_at(mix.point, mix.lam, mix.perm, mesh=mix.mesh, axis_name=mix.axis_name)
+           if mix is not None and mix.point is not None else contextlib.nullcontext())
+    with ctx:
+      return _linen_call(module, variables, inputs, key, train, mutable, train_arg)
+  return apply
+
+
+def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
+  """An `ApplyFn` for a plain `fn(params, x) -> outputs` (variables = {'params': params})."""
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    del key
+    if mix is not None:
+      if mix.point is not None:
+        raise ValueError("a plain apply function has no submodules: use point=None (input "
+                         "mixing), or split the model with `split_apply_fn`.")
+      inputs = mix.mix(inputs)
+    return fn(variables["params"], inputs), {}
+  return apply
+
+
+# ----------------------------------------------------------------------------
+# NNX.
+
+_NNX_HOOKS: contextvars.ContextVar[tuple[Callable[[Any], Any], ...]] = contextvars.ContextVar(
+    "mixjax_nnx_hooks", default=())
+
+
+@contextlib.contextmanager
+def nnx_call_hook(hook: Callable[[Any], Any]) -> Iterator[None]:
+  """While active, `make_nnx_apply`'s apply runs the model inside `hook(model)`.
+
+  `hook` takes the merged `nnx.Module` and returns a context manager: the NNX
+  counterpart of `flax.linen.intercept_methods`. Like linen's interceptors it
+  acts while the apply function is traced. The hooks of a context are its own
+  (a `ContextVar`), so threads and nested uses do not see each other's.
+  """
+  token = _NNX_HOOKS.set(_NNX_HOOKS.get() + (hook,))
+  try:
+    yield
+  finally:
+    _NNX_HOOKS.reset(token)
+
+
+def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
+  """An `ApplyFn` and its initial variables for a `flax.nnx` model.
+
+  Returns `(apply, variables)` with `variables = {'params': nnx.State of
+  nnx.Param, 'nnx_state': the rest (batch statistics, RNG counters)}`; the new
+  model state returned by `apply` is `{'nnx_state': ...}`. The model's RNG keys
+  are replaced by keys folded from `key` (so dropout is a pure function of
+  it); `train` selects `model.train()` or `model.eval()` behaviour. Hidden
+  mixing points are attribute paths such as 'blocks/2' (`hidden.nnx_mix_at`).
+  """
+  from flax import nnx
+
+  graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)
+  copy = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # noqa: E731  (fresh Variables)
+
+  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+    keys = copy(rng_keys)
+    if key is not None:
+      leaves, treedef = jax.tree_util.tree_flatten(keys)
+      keys = jax.tree_util.tree_unflatten(
+          treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+    m = nnx.merge(graphdef, copy(variables["params"]), keys, copy(variables["nnx_state"]))
+    m.train() if train else m.eval()
+    if mix is not None and mix.point is None:
+      inputs = mix.mix(inputs)
+    ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
+                             axis_name=mix.axis_name)
+           if mix is not None and mix.point is not None else contextlib.nullcontext())
+    with ctx, contextlib.ExitStack() as hooks:
+      for hook in _NNX_HOOKS.get():
+        hooks.enter_context(hook(m))
+      out = m(inputs)
+    _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
+    return out, {"nnx_state": new_rest}
+
+  return apply, {"params": params, "nnx_state": rest}
+
+
+# ----------------------------------------------------------------------------
+# Models split at the mixing point.
+
+
+class Encoded(NamedTuple):
+  """The encoder's output: h (f[B, ...] pytree), variables for the head, encoder's new state."""
+  h: PyTree
+  head_variables: PyTree
+  state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitApply:
+  """An `ApplyFn` made of an encoder and a head, mixing allowed at their junction.
+
+  encode: `encode(variables, inputs, *, key) -> (h, new_model_state)`, h a pytree
+    with leading batch axis B.
+  head: `head(variables, h, *, key) -> (outputs, new_model_state)`.
+  point: the name of the mixing point between them (use it as the mixup
+    objective's `point`).
+
+  Called as any `ApplyFn`: `apply(variables, inputs, *, key, mix)` with `mix`
+  None, at the input (`mix.point is None`) or at `point`. Both parts get the
+  same dropout `key` (linen derives distinct streams per submodule path, so a
+  linen model split by methods draws the same masks as when called whole).
+  The head sees the variables updated by the encoder's new state; the new
+  state is the union of both.
+  """
+  encode: Callable[..., tuple[PyTree, PyTree]]
+  head: Callable[..., tuple[Any, PyTree]]
+  point: str = "encoder"
+
+  def run_encoder(self, variables: PyTree, inputs: PyTree, key: Optional[jax.Array]) -> Encoded:
+    """The encoder pass: `Encoded(h, variables for the head, encoder's new state)`."""
+    h, state = self.encode(variables, inputs, key=key)
+    return Encoded(h, {**variables, **state}, dict(state))
+
+  def run_head(self, encoded: Encoded, key: Optional[jax.Array],
+               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
+    """The head on `encoded.h` (mixed by `mix` at this point): (outputs, new state of both)."""
+    h = encoded.h if mix is None else mix.mix(encoded.h)
+    out, head_state = self.head(encoded.head_variables, h, key=key)
+    return out, {**encoded.state, **dict(head_state)}
+
+  def __call__(self, variables: PyTree, inputs: PyTree, *, key: Optional[jax.Array] = None,
+               mix: Optional[MixSpec] = None):
+    if mix is not None and mix.point not in (None, self.point):
+      raise ValueError(f"This SplitApply mixes at its inputs (point=None) or at {self.point!r}; "
+                       f"got point={mix.point!r}.")
+    if mix is not None and mix.point is None:
+      inputs = mix.mix(inputs)
+    encoded = self.run_encoder(variables, inputs, key)
+    return self.run_head(encoded, key, mix if mix is not None and mix.point == self.point
+                         else None)
+
+
+def make_split_apply(module: nn.Module, encode: str = "encode", head: str = "head",
+                     point: str = "encoder", train: bool = True,
+                     mutable: tuple[str, ...] = ("batch_stats",),
+                     train_arg: Optional[str] = "train") -> SplitApply:
+  """A `SplitApply` from a linen module with methods `encode(x, train)` and `head(h, train)`.
+
+  The module's `__call__` should be `head(encode(x))`. `train`, `mutable`,
+  `train_arg` as in `make_apply`.
+  """
+  for name in (encode, head):
+    if not callable(getattr(module, name, None)):
+      raise ValueError(f"{type(module).__name__} has no method {name!r}; make_split_apply needs "
+                       f"encode={encode!r} and head={head!r} methods.")
+
+  def part(method):
+    def run(variables, x, *, key=None):
+      return _linen_call(module, variables, x, key, train, mutable, train_arg, method=method)
+    return run
+
+  return SplitApply(part(encode), part(head), point)
+
+
+def split_apply_fn(encode: Callable[[PyTree, PyTree], PyTree],
+                   head: Callable[[PyTree, PyTree], jax.Array],
+                   point: str = "encoder") -> SplitApply:
+  """A `SplitApply` from plain `encode(params, x) -> h` and `head(params, h) -> outputs`."""
+  return SplitApply(lambda v, x, *, key=None: (encode(v["params"], x), {}),
+                    lambda v, h, *, key=None: (head(v["params"], h), {}), point)
+
+
+# ----------------------------------------------------------------------------
+# Row routing for a pass over [mixed rows; clean rows] (MixupE's concatenated pass).
+
+
+def interleave(a: PyTree, b: PyTree, groups: int) -> PyTree:
+  """Leaves a[S*n, ...], b[S*m, ...] -> [S*(n+m), ...]: group s = a's rows of s, then b's."""
+  def leaf(u, v):
+    u = u.reshape((groups, -1) + u.shape[1:])
+    v = v.reshape((groups, -1) + v.shape[1:]).astype(u.dtype)
+    w = jnp.concatenate([u, v], axis=1)
+    return w.reshape((-1,) + w.shape[2:])
+  return jax.tree_util.tree_map(leaf, a, b)
+
+
+def deinterleave(c: PyTree, groups: int, n: int) -> tuple[PyTree, PyTree]:
+  """Inverse of `interleave` (n = rows of `a` per group)."""
+  def leaf(w):
+    w = w.reshape((groups, -1) + w.shape[1:])
+    return (w[:, :n].reshape((-1,) + w.shape[2:]), w[:, n:].reshape((-1,) + w.shape[2:]))
+  pairs = jax.tree_util.tree_map(leaf, c)
+  outer = jax.tree_util.tree_structure(c)
+  inner = jax.tree_util.tree_structure((0, 0))
+  return jax.tree_util.tree_transpose(outer, inner, pairs)
+
+
+class RowLayout(NamedTuple):
+  """B mixed rows and K clean rows in `groups` groups: per group n = B/groups mixed, m = K/groups clean."""
+  groups: int
+  n: int
+  m: int
+
+  @classmethod
+  def of(cls, batch: int, clean: int, groups: int) -> "RowLayout":
+    return cls(groups, batch // groups, clean // groups)
+
+  @property
+  def total(self) -> int:
+    return self.groups * (self.n + self.m)
+
+  def mixed_rows(self) -> jax.Array:
+    """bool[total]: True on the mixed rows."""
+    return interleave(jnp.ones(self.groups * self.n, bool), jnp.zeros(self.groups * self.m, bool),
+                      self.groups)
+
+  def position(self, idx: jax.Array, rows: int, offset: int) -> jax.Array:
+    """Row in the layout of example `idx` of a block with `rows` rows per group."""
+    return (idx // rows) * (self.n + self.m) + offset + idx % rows
+
+  def spec(self, spec: MixSpec) -> MixSpec:
+    """`spec` over the layout: mixed rows as in `spec`, clean rows paired with themselves, lam 1."""
+    perm = self.position(spec.perm, self.n, 0)
+    own = self.position(jnp.arange(self.groups * self.m), self.m, self.n)
+    lam = jnp.broadcast_to(jnp.asarray(spec.lam, jnp.float32), (self.groups * self.n,))
+    return spec._replace(lam=interleave(lam, jnp.ones(self.groups * self.m), self.groups),
+                         perm=interleave(perm.astype(jnp.int32), own.astype(jnp.int32),
+                                         self.groups))
+
+  def split(self, c: PyTree) -> tuple[PyTree, PyTree]:
+    """(mixed rows, clean rows) of a pytree laid out this way."""
+    return deinterleave(c, self.groups, self.n)
+
+
+@contextlib.contextmanager
+def mixed_rows_only(layout: RowLayout, batch_stats: str, clean_key: jax.Array) -> Iterator[None]:
+  """BatchNorm: statistics of the mixed rows; Dropout: mixed rows as if alone.
+
+  Applies to linen `nn.BatchNorm` / `nn.Dropout` (through `nn.intercept_methods`)
+  and to NNX `nnx.BatchNorm` / `nnx.Dropout` of models run by `make_nnx_apply`
+  (through `nnx_call_hook`). batch_stats='mixed': every row is normalised with
+  the statistics of the mixed rows, which alone update the running statistics;
+  'all': statistics over all rows. The clean rows' dropout masks come from
+  `clean_key`.
+  """
+  total = layout.total
+  calls = [0]
+
+  def rows(kind, next_fun, args, kwargs, rng_kwarg):
+    x = args[0] if args else None
+    if not hasattr(x, "shape") or not x.shape or x.shape[0] != total:
+      return next_fun(*args, **kwargs)
+    if kind == "batch_norm" and batch_stats == "mixed":
+      mask = layout.mixed_rows().reshape((total,) + (1,) * (x.ndim - 1))
+      if kwargs.get("mask") is not None:
+        mask = jnp.logical_and(mask, kwargs["mask"])
+      return next_fun(*args, **{**kwargs, "mask": mask})
+    if kind == "dropout":
+      a, b = layout.split(x)
+      out_a = next_fun(a, *args[1:], **kwargs)
+      calls[0] += 1
+      out_b = next_fun(b, *args[1:], **{**kwargs,
+                                        rng_kwarg: jax.random.fold_in(clean_key, calls[0])})
+      return interleave(out_a, out_b, layout.groups)
+    return next_fun(*args, **kwargs)
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
+            "dropout" if isinstance(context.module, nn.Dropout) else None)
+    return rows(kind, next_fun, args, kwargs, "rng")
+
+  with nn.intercept_methods(interceptor), nnx_call_hook(lambda model: _nnx_rows(model, rows)):
+    yield
+
+
+class _Routed:
+  """Stands in for an NNX BatchNorm/Dropout layer, sending its calls through `rows`."""
+
+  def __init__(self, inner: Any, kind: str, rows: Callable[..., Any]):
+    self.inner, self.kind, self.rows = inner, kind, rows
+
+  def __call__(self, *args, **kwargs):
+    return self.rows(self.kind, self.inner, args, kwargs, "rngs")
+
+
+@contextlib.contextmanager
+def _nnx_rows(model: Any, rows: Callable[..., Any]) -> Iterator[None]:
+  """Replaces each NNX BatchNorm/Dropout of `model` by a `_Routed` stand-in while active."""
+  from flax import nnx
+  walk = nnx.iter_graph(model) if hasattr(nnx, "iter_graph") else model.iter_modules()
+  found = []
+  for path, sub in walk:
+    kind = ("batch_norm" if isinstance(sub, nnx.BatchNorm) else
+            "dropout" if isinstance(sub, nnx.Dropout) else None)
+    if kind is not None and path:
+      found.append((tuple(str(p) for p in path), sub, kind))
+  swapped = []
+  try:
+    for path, sub, kind in found:
+      parent = model
+      for name in path[:-1]:
+        parent = hidden.child(parent, name)
+      hidden.set_child(parent, path[-1], _Routed(sub, kind, rows))
+      swapped.append((parent, path[-1], sub))
+    yield
+  finally:
+    for parent, name, sub in reversed(swapped):
+      hidden.set_child(parent, name, sub)
