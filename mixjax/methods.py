@@ -83,7 +83,7 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
 
   obj: Any
   if base == "erm":
-    obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits)
+    obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name)
   else:
     if base == "mixup":
       policy = policies.mixup(alpha, beta, per_example)

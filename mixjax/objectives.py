@@ -119,18 +119,22 @@ class _Steps:
 
 @dataclasses.dataclass(frozen=True)
 class Erm(_Steps):
-  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`."""
+  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`.
+
+  mesh/axis_name: the mesh the batch is sharded over, for wrappers that lay
+  out rows per shard (MixupE's clean pass); ERM itself does not use it.
+  """
   loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
   num_classes: Optional[int] = None
   label_smoothing: float = 0.0
   to_logits: Callable[[jax.Array], jax.Array] = identity
+  mesh: Optional[Mesh] = None
+  axis_name: mixing.AxisName = "data"
 
   decomposes = True
   mixes = False
   policy = None
   point = None
-  mesh = None
-  axis_name = "data"
 
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """Extra model-state collections this objective keeps ({}: none)."""
