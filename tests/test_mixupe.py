@@ -339,17 +339,15 @@ def test_sharded_train_step_equals_single_device(method):
   sharded = methods.get_objective(method, mesh=mesh, **kw)
   single = methods.get_objective(method, pairing="random", **kw)
   group = pairing.grouped(pairing.random_permutation, 8)
+
+  def with_pairing(obj):  # The innermost objective's pairing, through any wrappers.
+    if isinstance(obj, objectives.Wrapper):
+      return dataclasses.replace(obj, base=with_pairing(obj.base))
+    return dataclasses.replace(obj, pairing=group)
+
+  single = with_pairing(single)
   if isinstance(single, mixupe.MixupE):
-    inner = single.base
-    if isinstance(inner, amp.Amp):
-      inner = amp.Amp(objectives.Mixup(**{**vars(inner.base), "pairing": group}), inner.eps,
-                      inner.mode, inner.clip)
-    else:
-      inner = objectives.Mixup(**{**vars(inner), "pairing": group})
-    single = mixupe.MixupE(**{**vars(single), "base": inner, "groups": 8})
-  else:
-    single = amp.Amp(objectives.Mixup(**{**vars(single.base), "pairing": group}), single.eps,
-                     single.mode, single.clip)
+    single = dataclasses.replace(single, groups=8)
   tx = optax.sgd(0.1)
   state = train_step.create_train_state(v, tx, jax.random.key(0), ema=False)
 
