@@ -118,6 +118,7 @@ def normalise(x: np.ndarray, name: str) -> np.ndarray:
   if name in ("none", "per_dataset") or x.dtype.kind != "f":
     return x
   if name not in NORMALIZE:
-    raise ValueError(f"dataset.normalize={name!r}; choose none, per_dataset or {sorted(NORMALIZE)}.")
+    raise ValueError(f"dataset.normalize={name!r}; choose none, per_dataset or "
+                     f"{sorted(NORMALIZE)}.")
   mean, std = (np.asarray(v, np.float32) for v in NORMALIZE[name])
   return (x - mean) / std

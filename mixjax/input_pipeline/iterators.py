@@ -154,4 +154,3 @@ def eval_batches(dataset: Any, global_batch: int, *, augment: str = "none",
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
     rows = slice(process_index * local, (process_index + 1) * local)
     yield {"inputs": x[rows], "labels": y[rows].astype(np.int32), "mask": mask[rows]}
-

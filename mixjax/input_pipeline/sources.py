@@ -142,4 +142,3 @@ def load_arrays(dcfg: Any, seed: int = 0) -> dict[str, Any]:
                                dcfg.corruption_seed)
     out["train"] = tr
   return out
-
