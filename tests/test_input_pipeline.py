@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import glob
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from mixjax import config_utils
 from mixjax import input_pipeline as ip
+from mixjax.input_pipeline import augment, text
 
 
 def _dcfg(**kw):
@@ -119,11 +126,11 @@ def test_inception_crop_boxes_and_bilinear_resize():
   # Bilinear resize: an identity box reproduces the image; a linear ramp stays linear.
   x = rng.normal(size=(2, 10, 12, 3)).astype(np.float32)
   full = lambda v: np.full(2, v)  # noqa: E731
-  same = ip._bilinear_crops(x, full(0), full(0), full(10), full(12), 10, 12)
+  same = augment._bilinear_crops(x, full(0), full(0), full(10), full(12), 10, 12)
   np.testing.assert_allclose(same, x, atol=1e-6)
   ramp = np.broadcast_to(np.arange(12, dtype=np.float32)[None, None, :, None], (1, 10, 12, 1))
-  half = ip._bilinear_crops(np.ascontiguousarray(ramp), np.zeros(1, int), np.zeros(1, int),
-                            np.full(1, 10), np.full(1, 12), 5, 6)
+  half = augment._bilinear_crops(np.ascontiguousarray(ramp), np.zeros(1, int), np.zeros(1, int),
+                                 np.full(1, 10), np.full(1, 12), 5, 6)
   np.testing.assert_allclose(half[0, 0, :, 0], [0.5, 2.5, 4.5, 6.5, 8.5, 10.5], atol=1e-5)
   aug = ip.augment_batch(x, "inception", rng, (7, 7, 3))
   assert aug.shape == (2, 7, 7, 3) and aug.dtype == np.float32
@@ -195,3 +202,62 @@ def test_tfds_without_tensorflow_gives_install_instructions():
   else:
     with pytest.raises(ImportError, match=r"mixjax\[data\]"):
       ip.tfds_num_examples(_dcfg(name="tfds", tfds_name="cifar10"), "train")
+
+
+def test_text_splits_number_sorted_labels_and_refuse_unknown_ones():
+  train = (["10", "2", "2"], ["a b", "b c", "c"])
+  d = text.text_splits(train, (["10"], ["a z"]), vocab_size=10, max_len=3, num_classes=2)
+  assert d["train"].labels.tolist() == [1, 0, 0]  # digits sort numerically: '2' < '10'
+  assert d["eval"].inputs.dtype == np.int32 and d["eval"].inputs.shape == (1, 3)
+  assert d["eval"].inputs[0].tolist()[1:] == [1, 0]  # 'z' unknown, then padding
+  with pytest.raises(ValueError, match="num_classes=1"):
+    text.text_splits(train, (["2"], ["a"]), vocab_size=10, max_len=3, num_classes=1)
+  with pytest.raises(ValueError, match=r"\['7'\] of the eval split"):
+    text.text_splits(train, (["7"], ["a"]), vocab_size=10, max_len=3, num_classes=2)
+
+
+def test_normalise_uses_the_named_constants_and_leaves_tokens_alone():
+  x = np.full((2, 3, 3, 3), 0.5, np.float32)
+  out = augment.normalise(x, "imagenet")
+  mean, std = ip.NORMALIZE["imagenet"]
+  np.testing.assert_allclose(out[0, 0, 0], (0.5 - np.array(mean)) / np.array(std), rtol=1e-6)
+  assert augment.normalise(x, "none") is x and augment.normalise(x, "per_dataset") is x
+  tokens = np.ones((2, 5), np.int32)
+  assert augment.normalise(tokens, "imagenet") is tokens
+  with pytest.raises(ValueError, match="dataset.normalize='nope'"):
+    augment.normalise(x, "nope")
+
+
+def test_importing_the_package_does_not_import_tensorflow():
+  code = ("import sys, mixjax.input_pipeline as ip; "
+          "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_package_modules_import_each_other_without_cycles():
+  package = os.path.dirname(ip.__file__)
+  deps = {}
+  for path in sorted(glob.glob(os.path.join(package, "*.py"))):
+    name = os.path.basename(path)[:-3]
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    deps[name] = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module == "mixjax.input_pipeline":
+        deps[name] |= {a.name for a in node.names}  # from mixjax.input_pipeline import m
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        deps[name] |= {node.module.split(".")[2]} if node.module.startswith(
+            "mixjax.input_pipeline.") else set()
+      elif isinstance(node, ast.Import):
+        deps[name] |= {a.name.split(".")[2] for a in node.names
+                       if a.name.startswith("mixjax.input_pipeline.")}
+  assert {"augment", "datasets", "iterators", "sources", "text", "tfds_data"} <= set(deps)
+  order = []  # Kahn's algorithm: every module must eventually have all its imports placed.
+  while len(order) < len(deps):
+    ready = [m for m in deps if m not in order and deps[m] <= set(order)]
+    assert ready, f"import cycle among {sorted(set(deps) - set(order))}: {deps}"
+    order += sorted(ready)
+  exported = set(ip.__all__)
+  assert all(hasattr(ip, name) for name in exported)
+  assert not {"normalise", "text_splits", "tfds_text"} & exported  # shared helpers stay internal
