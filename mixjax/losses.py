@@ -9,7 +9,7 @@ and return f32[B].
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +57,22 @@ def cosine_logits(features: jax.Array, embeddings: jax.Array) -> jax.Array:
   return v @ embeddings.T
 
 
+class NegativeCosineLoss(NamedTuple):
+  """`negative_cosine` with fixed `embeddings` f32[C, d], as a `LossFn`.
+
+  The loss depends on the features only through their direction
+  (`scale_invariant`): its gradient is orthogonal to the features.
+  """
+  embeddings: jax.Array
+  scale_invariant: bool = True
+
+  def __call__(self, features: jax.Array, targets: jax.Array) -> jax.Array:
+    return negative_cosine(features, targets, self.embeddings)
+
+
 def negative_cosine_loss(embeddings: jax.Array) -> LossFn:
-  """`negative_cosine` with fixed `embeddings`, as a `LossFn`."""
-  return lambda features, targets: negative_cosine(features, targets, embeddings)
+  """`negative_cosine` with fixed `embeddings`, as a `LossFn` (a `NegativeCosineLoss`)."""
+  return NegativeCosineLoss(embeddings)
 
 
 def mixup_loss(loss_fn: LossFn, outputs: jax.Array, targets_a: jax.Array, targets_b: jax.Array,

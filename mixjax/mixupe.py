@@ -10,8 +10,11 @@ pass over clean (unmixed) examples,
   R = E_{D_lam}[1 - lam] * mean_i |q~(x_i)|
   L = eta_hat * (L_mix + eta * R),  eta_hat = stop_gradient(|L_mix| / |L_mix + eta R|)
 
-`g(f) - y` is the gradient of the per-example loss with respect to the
-outputs (softmax(f) - y for softmax cross-entropy, sigmoid(f) - y for the
+The approximation q^ holds for losses of the form `h(f) - y^T f`; for a
+scale-invariant loss (the negative cosine) q^ is identically zero, so MixupE
+refuses it there unless `exact=True` (q is a directional derivative, defined
+for any differentiable loss). `g(f) - y` is the gradient of the per-example
+loss with respect to the outputs (softmax(f) - y for softmax cross-entropy, sigmoid(f) - y for the
 sigmoid one: the paper's `h(f) - y^T f` losses); the exact term is a
 `jax.jvp` of the clean forward pass along `E[x'] - x_i`. `E_{D_lam}[1 - lam]`
 comes from `sampling.expected_one_minus_lam(alpha, beta)`. `eta_hat` carries no
@@ -215,6 +218,12 @@ class MixupE(objectives.Wrapper):
                        f"{type(self.base).__name__}'s is not (mixupe is applied once, "
                        f"outermost: mixupe(amp(base))).")
     sampling.expected_one_minus_lam(self.alpha, self.beta)  # Validates alpha and beta.
+    if not self.exact and getattr(self.base.loss_fn, "scale_invariant", False):
+      raise ValueError(
+          "mixupe's approximate term q^ = -(dl/df)^T f is identically zero for a scale-invariant "
+          "loss such as the negative cosine (its gradient is orthogonal to f), so it would add "
+          "nothing: use exact=True (q, the directional derivative along E[x'] - x, a JVP) or a "
+          "cross-entropy loss.")
     try:
       eta = float(self.eta)
     except (TypeError, ValueError):

@@ -88,3 +88,15 @@ def test_scalar_lam(data):
 def test_unknown_loss():
   with pytest.raises(ValueError, match="Unknown loss"):
     losses.get_loss("hinge")
+
+
+def test_negative_cosine_is_scale_invariant_so_q_hat_vanishes():
+  """The gradient of the negative-cosine loss is orthogonal to f: MixupE's q^ is 0 there."""
+  from mixjax import mixupe
+  emb = losses.class_embeddings(jax.random.key(0), 3, 4)
+  loss_fn = losses.negative_cosine_loss(emb)
+  assert loss_fn.scale_invariant
+  f = jax.random.normal(jax.random.key(1), (5, 4))
+  t = jax.nn.one_hot(jnp.arange(5) % 3, 3)
+  np.testing.assert_allclose(loss_fn(3.0 * f, t), loss_fn(f, t), rtol=1e-6)
+  np.testing.assert_allclose(mixupe.q_approx(loss_fn, f, t), 0.0, atol=1e-6)

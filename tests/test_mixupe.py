@@ -281,7 +281,10 @@ def test_arguments_and_composition():
                                  mixupe={"eta": 0.01, "rho": 0.5})
   assert isinstance(obj, mixupe.MixupE) and isinstance(obj.base, amp.Amp)
   assert obj.eta == 0.01 and obj.rho == 0.5 and obj.beta == 2.0
-  cos = methods.get_objective("mixupe", num_classes=3, loss="cosine", cosine_dim=4)
+  with pytest.raises(ValueError, match="identically zero"):
+    methods.get_objective("untied+mixupe", num_classes=3, loss="cosine", cosine_dim=4)
+  cos = methods.get_objective("untied+mixupe", num_classes=3, loss="cosine", cosine_dim=4,
+                              mixupe={"exact": True, "mean": "batch"})
   assert cos.to_logits(jnp.ones((2, 4))).shape == (2, 3)
 
 
