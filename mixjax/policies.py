@@ -18,7 +18,9 @@ function as an argument, where a sweep over `alpha` compiles once::
 Every policy that draws from a Beta exposes `.alpha` and `.beta` (beta
 resolved, never None), e.g. for MixupE's E[1 - lam]. Concrete parameters are
 validated when the policy is built (ValueError); traced ones are not, and
-unflattening a policy (as JAX does with tracers) never re-validates.
+unflattening a policy (as JAX does with tracers) never re-validates. A default
+`beta` is resolved when built: `dataclasses.replace(mixup(0.2), alpha=0.5)`
+keeps beta = 0.2; build `mixup(0.5)` for Beta(0.5, 0.5).
 """
 
 from __future__ import annotations
