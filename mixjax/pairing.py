@@ -1,7 +1,10 @@
 """Pairings: which example each example is mixed with.
 
 A pairing is `pairing(key, labels, batch_size) -> int32[B]`, the partner index
-`j = perm[i]` of every example. `labels` is int32[B] (or None where unused).
+`j = perm[i]` of every example. The PRNG key comes first, as in every sampler
+and policy of mixjax (deterministic pairings ignore it and accept None).
+`labels` is int32[B] class ids (or None where unused); `batch_size` is a static
+Python int.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 Pairing = Callable[[jax.Array, Optional[jax.Array], int], jax.Array]
 
 
-def reverse(key: jax.Array, labels: Optional[jax.Array], batch_size: int) -> jax.Array:
+def reverse(key: Optional[jax.Array], labels: Optional[jax.Array], batch_size: int) -> jax.Array:
   """Pairs `i` with `B - 1 - i` (the flipped batch, as in many mixup codes)."""
   del key, labels
   return jnp.arange(batch_size, dtype=jnp.int32)[::-1]
@@ -22,7 +25,7 @@ def reverse(key: jax.Array, labels: Optional[jax.Array], batch_size: int) -> jax
 
 def roll(shift: int = 1) -> Pairing:
   """Pairs `i` with `(i + shift) mod B`."""
-  def pairing(key, labels, batch_size):
+  def pairing(key: Optional[jax.Array], labels: Optional[jax.Array], batch_size: int) -> jax.Array:
     del key, labels
     return (jnp.arange(batch_size, dtype=jnp.int32) + shift) % batch_size
   return pairing
@@ -67,7 +70,7 @@ def grouped(pairing: Pairing, num_groups: int) -> Pairing:
   if int(num_groups) != num_groups or num_groups < 1:
     raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}.")
 
-  def new_pairing(key, labels, batch_size):
+  def new_pairing(key: jax.Array, labels: Optional[jax.Array], batch_size: int) -> jax.Array:
     if batch_size % num_groups:
       raise ValueError(
           f"batch size {batch_size} is not divisible by num_groups={num_groups} "

@@ -1,5 +1,7 @@
 """Pairings: permutations, class constraints, shard-local groups."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -72,3 +74,9 @@ def test_registry():
   assert pairing.get_pairing("random") is pairing.random_permutation
   with pytest.raises(ValueError, match="Unknown pairing"):
     pairing.get_pairing("nearest")
+
+
+def test_the_key_comes_first():
+  for p in (pairing.reverse, pairing.roll(1), pairing.random_permutation, pairing.same_class,
+            pairing.grouped(pairing.random_permutation, 2)):
+    assert list(inspect.signature(p).parameters) == ["key", "labels", "batch_size"]

@@ -1,5 +1,7 @@
 """Samplers against the exact distributions (scipy KS tests, fixed seeds)."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -92,10 +94,60 @@ def test_bad_alpha_raises(bad):
 
 
 def test_bad_untied_and_dirichlet_args():
-  with pytest.raises(ValueError, match="b must"):
+  with pytest.raises(ValueError, match="beta must be a finite number > 0"):
     sampling.sample_untied(jax.random.key(0), 1.0, -2.0)
+  with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+    sampling.untied_gamma(jnp.float32(0.5), 0.0, 1.0)
   with pytest.raises(ValueError, match="k must"):
     sampling.sample_dirichlet(jax.random.key(0), 1.0, 1)
+
+
+def test_parameters_are_named_alpha_and_beta():
+  k = jax.random.key(0)
+  np.testing.assert_array_equal(sampling.sample_untied(k, alpha=2.2, beta=0.9, shape=(8,)),
+                                sampling.sample_untied(k, 2.2, 0.9, (8,)))
+  lam = jnp.linspace(0.0, 1.0, 5)
+  np.testing.assert_array_equal(sampling.untied_gamma(lam, alpha=2.2, beta=0.9),
+                                sampling.untied_gamma(lam, 2.2, 0.9))
+  assert sampling.resolve_beta(alpha=1, beta=None) == (1.0, 1.0)
+
+
+def test_the_key_comes_first():
+  for fn in (sampling.sample_beta, sampling.sample_dirichlet, sampling.sample_untied):
+    assert next(iter(inspect.signature(fn).parameters)) == "key"
+
+
+def test_traced_parameters_draw_the_same_bits():
+  # One compiled sampler serves every alpha, and gives the eager draw bit for bit.
+  k = jax.random.key(5)
+  beta = jax.jit(lambda k, a, b: sampling.sample_beta(k, a, b, (N,)))
+  for a, b in [(0.2, 0.2), (2.2, 0.9), (1.0, 3.0)]:
+    np.testing.assert_array_equal(beta(k, a, b), sampling.sample_beta(k, a, b, (N,)))
+  assert beta._cache_size() == 1
+  dirichlet = jax.jit(lambda k, a: sampling.sample_dirichlet(k, a, 3, (64,)))
+  np.testing.assert_array_equal(dirichlet(k, 0.7), sampling.sample_dirichlet(k, 0.7, 3, (64,)))
+  untied = jax.jit(lambda k, a, b: sampling.sample_untied(k, a, b, (N,)))
+  s = untied(k, 2.2, 0.9)
+  f = stats.beta(2.2, 0.9)
+  assert _ks(s, lambda x: 0.5 * (f.cdf(x) + 1.0 - f.cdf(1.0 - x))) > 1e-3
+  np.testing.assert_allclose(s, sampling.sample_untied(k, 2.2, 0.9, (N,)), rtol=0, atol=1.2e-7)
+
+
+@pytest.mark.parametrize("a,b", [(2.2, 0.9), (0.5, 3.0), (1.3, 1.3)])
+def test_untied_gamma_with_traced_parameters(a, b):
+  lam = jnp.asarray(np.r_[0.0, np.linspace(0.01, 0.99, 37), 1.0], jnp.float32)
+  traced = jax.jit(sampling.untied_gamma)(lam, a, b)
+  assert np.all(np.isfinite(traced)) and np.all((traced >= 0) & (traced <= 1))
+  np.testing.assert_allclose(traced, sampling.untied_gamma(lam, a, b), rtol=1e-6, atol=1e-7)
+  if a == b:
+    np.testing.assert_array_equal(traced, np.full(lam.shape, 0.5, np.float32))
+
+
+def test_moments_with_traced_parameters():
+  m = jax.jit(lambda a, b: (sampling.expected_one_minus_lam(a, b),
+                            sampling.expected_sq_one_minus_lam(a, b)))(5.0, 0.5)
+  np.testing.assert_allclose(m, (sampling.expected_one_minus_lam(5.0, 0.5),
+                                 sampling.expected_sq_one_minus_lam(5.0, 0.5)), rtol=1e-6)
 
 
 class DeterminismTest(chex.TestCase):
