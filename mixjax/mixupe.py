@@ -396,10 +396,6 @@ def mixupe(objective: objectives.Objective, alpha: Optional[float] = None,
 
 
 def _beta_params(policy: Any) -> Optional[tuple[float, float]]:
-  """(alpha, beta) of a Beta-based policy, or None."""
-  if policy is None:
-    return None
-  if hasattr(policy, "alpha") and getattr(policy, "beta", None) is not None:
-    return float(policy.alpha), float(policy.beta)
-  params = getattr(policy, "beta_params", None)
-  return None if params is None else (float(params[0]), float(params[1]))
+  """(alpha, beta) of a Beta-based policy (`policy.alpha`, `policy.beta`), or None."""
+  alpha, beta = getattr(policy, "alpha", None), getattr(policy, "beta", None)
+  return None if alpha is None or beta is None else (float(alpha), float(beta))

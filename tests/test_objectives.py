@@ -151,12 +151,12 @@ def test_hidden_mixing_accepts_token_ids():
         adapters.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
 
 
-def test_mixupe_reads_the_policy_beta_params():
+def test_mixupe_reads_the_policy_alpha_and_beta():
   from mixjax import amp, mixupe
   base = objectives.mixup(policies.untied_mixup(2.2, 0.9), num_classes=3)
   m = mixupe.mixupe(amp.amp(base))
   assert (m.alpha, m.beta) == (2.2, 0.9)
-  assert policies.dat(0.4).beta_params == (0.4, 0.4)
+  assert (policies.dat(0.4).alpha, policies.dat(0.4).beta) == (0.4, 0.4)
   custom = objectives.mixup(lambda k, b: policies.Coefficients(jnp.ones(b), jnp.ones(b)),
                             num_classes=3)
   with pytest.raises(ValueError, match="alpha"):
