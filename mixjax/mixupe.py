@@ -7,7 +7,7 @@ pass over clean (unmixed) examples,
 
   q^(x_i) = (y_i - g(f(x_i)))^T f(x_i)                  (approximate, default)
   q(x_i)  = (g(f(x_i)) - y_i)^T J_f(x_i) (E[x'] - x_i)  (exact, `exact=True`)
-  R = E_{D_lam}[1 - lam] * mean_i |q~(x_i)|
+  R = w * mean_i |q~(x_i)|,  w = the policy's first-order weight
   L = eta_hat * (L_mix + eta * R),  eta_hat = stop_gradient(|L_mix| / |L_mix + eta R|)
 
 The approximation q^ holds for losses of the form `h(f) - y^T f`; for a
@@ -16,9 +16,18 @@ refuses it there unless `exact=True` (q is a directional derivative, defined
 for any differentiable loss). `g(f) - y` is the gradient of the per-example
 loss with respect to the outputs (softmax(f) - y for softmax cross-entropy, sigmoid(f) - y for the
 sigmoid one: the paper's `h(f) - y^T f` losses); the exact term is a
-`jax.jvp` of the clean forward pass along `E[x'] - x_i`. `E_{D_lam}[1 - lam]`
-comes from `sampling.expected_one_minus_lam(alpha, beta)`. `eta_hat` carries no
+`jax.jvp` of the clean forward pass along `E[x'] - x_i`. `eta_hat` carries no
 gradient: with one, `L` would equal `|L_mix|` and R would drop out.
+
+The weight `w` is the expected coefficient of the partner once the mixed loss
+is written with each example's own label (`policy.first_order_weight()`, see
+`mixjax.policies`). For mixup with Beta(a, b) it is the paper's
+`E_{D_lam}[1 - lam] = 2ab / ((a+b)(a+b+1))`; the paper applies the same
+`E_{D_lam}` to every base, but for Untied MixUp U(Beta(a, b)) and DAT with
+Beta(a, b) the first-order term of their loss is weighted by
+`E_{Beta(a,b)}[1 - lam] = b / (a + b)` (the Untied MixUp paper's Lemma 4:
+0.290 instead of 0.312 for U(Beta(2.2, 0.9)), 0.5 instead of 1/3 for DAT
+with Beta(1, 1)), which is what mixjax uses.
 
 The clean pass:
 - clean_pass='concat' (default, the paper's trick): one forward over the
@@ -108,9 +117,13 @@ def q_exact(loss_fn: losses_lib.LossFn, outputs: jax.Array, outputs_dot: jax.Arr
   return jnp.sum((g * jd).reshape(jd.shape[0], -1), axis=-1)
 
 
-def regularizer(q: jax.Array, alpha: float, beta: Optional[float] = None) -> jax.Array:
-  """`R = E_{D_lam}[1 - lam] * mean |q|` (D_lam of Beta(alpha, beta)): f32[]."""
-  return sampling.expected_one_minus_lam(alpha, beta) * jnp.mean(jnp.abs(q))
+def regularizer(q: jax.Array, weight: float) -> jax.Array:
+  """`R = weight * mean |q|`: f32[]. `weight` is the policy's first-order weight
+
+  (`policy.first_order_weight()`: `E_{D_lam}[1 - lam]` for mixup with Beta(a, b),
+  `b / (a + b)` for Untied MixUp U(Beta(a, b)) and DAT).
+  """
+  return weight * jnp.mean(jnp.abs(q))
 
 
 def combine(loss_mix: jax.Array, reg: jax.Array, eta: float) -> tuple[jax.Array, jax.Array]:
@@ -188,9 +201,8 @@ class MixupE(objectives.Wrapper):
 
   base: `base.decomposes` (mixup, Untied MixUp, DAT, AMP around them, ERM
     (the paper's Table 7 "ERM + additional loss"), or a user's `Wrapper`).
-  alpha, beta: the Beta(alpha, beta) of the D_lam whose E[1 - lam] weighs R.
-    `mixupe()` reads them from the base's policy; pass them only for a base
-    without one (ERM).
+  weight: the first-order weight of R, in [0, 1] (`mixupe()` reads it from
+    the base's policy: `policy.first_order_weight()`).
   eta: weight of R (the paper: 1e-3 for most image runs).
   exact: use q (a JVP along E[x'] - x_i, float inputs) instead of q^.
   mean: E[x'] for `exact`: a pytree like one example, 'batch', or None (running mean).
@@ -199,8 +211,7 @@ class MixupE(objectives.Wrapper):
   groups: groups for the clean subset and the concatenated layout (default:
     the base's mesh shards along its axis, else 1).
   """
-  alpha: float = 1.0
-  beta: Optional[float] = None
+  weight: float = 0.5
   eta: float = 1e-3
   exact: bool = False
   mean: Union[None, str, PyTree] = None
@@ -217,7 +228,9 @@ class MixupE(objectives.Wrapper):
       raise ValueError(f"mixupe adds its term to a loss that is a mean of per-example losses; "
                        f"{type(self.base).__name__}'s is not (mixupe is applied once, "
                        f"outermost: mixupe(amp(base))).")
-    sampling.expected_one_minus_lam(self.alpha, self.beta)  # Validates alpha and beta.
+    if not (isinstance(self.weight, (int, float)) and 0.0 <= self.weight <= 1.0):
+      raise ValueError(f"weight (the first-order weight E[1 - lam]) must be a number in [0, 1], "
+                       f"got {self.weight!r}.")
     if not self.exact and getattr(self.base.loss_fn, "scale_invariant", False):
       raise ValueError(
           "mixupe's approximate term q^ = -(dl/df)^T f is identically zero for a scale-invariant "
@@ -318,7 +331,7 @@ class MixupE(objectives.Wrapper):
     else:
       q = q_exact(base.loss_fn, out_c, out_dot, targets)
     loss_mix = jnp.mean(per_example)
-    reg = regularizer(q, self.alpha, self.beta)
+    reg = regularizer(q, self.weight)
     loss, eta_hat = combine(loss_mix, reg, self.eta)
     if new_running is not None:
       state = {**dict(state), STATE_COLLECTION: new_running}
@@ -372,30 +385,44 @@ class MixupE(objectives.Wrapper):
     return base.per_example(out_m, draw), out_c, out_dot, state
 
 
-def mixupe(objective: objectives.Objective, alpha: Optional[float] = None,
-           beta: Optional[float] = None, eta: float = 1e-3, exact: bool = False,
+def mixupe(objective: objectives.Objective, *, eta: float = 1e-3, exact: bool = False,
            mean: Union[None, str, PyTree] = None, clean_pass: str = "concat",
-           batch_stats: str = "mixed", rho: float = 1.0, groups: Optional[int] = None) -> MixupE:
+           batch_stats: str = "mixed", rho: float = 1.0, groups: Optional[int] = None,
+           weight: Optional[float] = None, alpha: Optional[float] = None,
+           beta: Optional[float] = None) -> MixupE:
   """MixupE around an objective (see `MixupE`).
 
-  `alpha`, `beta`: the Beta(alpha, beta) whose D_lam gives E[1 - lam]. Read
-  from the base's policy (`policy.alpha`, `policy.beta`); pass them only for a
-  base without a Beta policy (ERM), or equal to the policy's.
+  The weight of R is the base policy's first-order weight
+  (`policy.first_order_weight()`: E_{D_lam}[1 - lam] for mixup, b / (a + b)
+  for Untied MixUp and DAT; the MixupE paper's `E_{D_lam}[1 - lam]` is the
+  mixup case). For a base without a policy (ERM: the paper's Table 7) pass
+  `alpha` (and `beta`): the weight is then E_{D_lam}[1 - lam] of mixup with
+  Beta(alpha, beta). `weight` sets it directly (e.g. for `policies.weighted`
+  with a custom gamma). `alpha`/`beta` given with a Beta policy must be the
+  policy's.
   """
   policy = getattr(objective, "policy", None)
   params = _beta_params(policy)
-  if params is not None:
-    if alpha is not None and (float(alpha), float(alpha if beta is None else beta)) != params:
-      raise ValueError(f"mixupe(alpha={alpha}, beta={beta}) disagrees with the base policy's "
-                       f"Beta{params}; leave alpha and beta unset to use the policy's.")
-    alpha, beta = params
-  elif alpha is None:
-    raise ValueError("mixupe needs the Beta(alpha, beta) whose E[1 - lam] weighs its term: the "
-                     "base has no Beta policy (e.g. ERM), so pass alpha (and beta).")
-  return MixupE(objective, alpha, beta, eta, exact, mean, clean_pass, batch_stats, rho, groups)
+  if alpha is not None and params is not None and (
+      float(alpha), float(alpha if beta is None else beta)) != params:
+    raise ValueError(f"mixupe(alpha={alpha}, beta={beta}) disagrees with the base policy's "
+                     f"Beta{params}; leave alpha and beta unset to use the policy's.")
+  if weight is None:
+    if policy is not None and hasattr(policy, "first_order_weight"):
+      weight = policy.first_order_weight()
+    elif alpha is not None:
+      weight = sampling.expected_one_minus_lam(alpha, beta)
+    else:
+      raise ValueError("mixupe needs the first-order weight E[1 - lam] of its term: the base "
+                       "has no policy with first_order_weight() (e.g. ERM or a custom policy), "
+                       "so pass alpha (and beta) of a Beta(alpha, beta) mixup, or weight=.")
+  return MixupE(objective, float(weight), eta, exact, mean, clean_pass, batch_stats, rho, groups)
 
 
 def _beta_params(policy: Any) -> Optional[tuple[float, float]]:
   """(alpha, beta) of a Beta-based policy (`policy.alpha`, `policy.beta`), or None."""
-  alpha, beta = getattr(policy, "alpha", None), getattr(policy, "beta", None)
+  try:
+    alpha, beta = getattr(policy, "alpha", None), getattr(policy, "beta", None)
+  except AttributeError:  # `Weighted` around a policy without a Beta.
+    return None
   return None if alpha is None or beta is None else (float(alpha), float(beta))

@@ -21,6 +21,14 @@ validated when the policy is built (ValueError); traced ones are not, and
 unflattening a policy (as JAX does with tracers) never re-validates. A default
 `beta` is resolved when built: `dataclasses.replace(mixup(0.2), alpha=0.5)`
 keeps beta = 0.2; build `mixup(0.5)` for Beta(0.5, 0.5).
+
+The first-order weight of a policy is `E[lam_y (1 - lam_x) + (1 - lam_y) lam_x]`:
+writing example i's mixed loss as the loss of an example with i's label only
+(the DAT form: with probability `lam_y` the mix `lam_x x_i + (1 - lam_x) x_j`
+keeps label i, else it is the mix `(1 - lam_x) x_j + lam_x x_i` with label
+j), it is the expected coefficient of the partner, which weighs the
+first-order (directional-derivative) term of the loss's expansion (MixupE's
+`E_{D_lam}[1 - lam]`). `first_order_weight()` gives it in closed form.
 """
 
 from __future__ import annotations
@@ -100,6 +108,10 @@ class Erm:
     one = jnp.ones((int(batch_size),), jnp.float32)
     return Coefficients(one, one)
 
+  def first_order_weight(self) -> float:
+    """0: no partner."""
+    return 0.0
+
 
 @_pytree(data=("alpha", "beta"), meta=("per_example",))
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +131,10 @@ class Mixup:
   def __call__(self, key: jax.Array, batch_size: int) -> Coefficients:
     lam = sampling.sample_beta(key, self.alpha, self.beta, _shape(batch_size, self.per_example))
     return Coefficients(lam, lam)
+
+  def first_order_weight(self) -> float:
+    """`E[2 lam (1 - lam)] = 2ab / ((a+b)(a+b+1))` = `E_{D_lam}[1 - lam]` (Zhang et al. 2021)."""
+    return sampling.expected_one_minus_lam(self.alpha, self.beta)
 
 
 @_pytree(data=("alpha", "beta"), meta=("per_example",))
@@ -141,6 +157,15 @@ class UntiedMixup:
     lam = sampling.sample_untied(key, self.alpha, self.beta, _shape(batch_size, self.per_example))
     return Coefficients(lam, sampling.untied_gamma(lam, self.alpha, self.beta))
 
+  def first_order_weight(self) -> float:
+    """`b / (a + b)`: U(Beta(a, b)) is DAT with Beta(a, b) (Archambault et al., Lemma 4).
+
+    With `u = lam_x`, density `(p(u) + p(1-u)) / 2`, and `gamma = p(u) / (p(u) +
+    p(1-u))`: `E[gamma (1-u) + (1-gamma) u] = 1/2 int [p(u)(1-u) + p(1-u) u] du
+    = int p(u) (1-u) du = E_{Beta(a,b)}[1 - lam] = b / (a + b)`.
+    """
+    return float(self.beta) / (float(self.alpha) + float(self.beta))
+
 
 @_pytree(data=("alpha", "beta"), meta=("per_example",))
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +185,10 @@ class Dat:
   def __call__(self, key: jax.Array, batch_size: int) -> Coefficients:
     lam = sampling.sample_beta(key, self.alpha, self.beta, _shape(batch_size, self.per_example))
     return Coefficients(lam, jnp.ones_like(lam))
+
+  def first_order_weight(self) -> float:
+    """`E_{Beta(a,b)}[1 - lam] = b / (a + b)` (`lam_y` = 1)."""
+    return float(self.beta) / (float(self.alpha) + float(self.beta))
 
 
 def _check_gamma(gamma: Any) -> None:
@@ -212,6 +241,13 @@ class Weighted:
     y = jnp.asarray(self.gamma(c.lam_x), jnp.float32)
     checks.in_unit_interval("gamma(lam)", y)
     return Coefficients(c.lam_x, y)
+
+  def first_order_weight(self) -> float:
+    """No closed form for an arbitrary `gamma`: ValueError saying what to pass instead."""
+    raise ValueError("Weighted(policy, gamma) has no closed-form first-order weight "
+                     "E[lam_y (1 - lam_x) + (1 - lam_y) lam_x] for an arbitrary gamma: pass it "
+                     "to mixupe as weight=<value> (e.g. a Monte Carlo estimate from the policy's "
+                     "draws).")
 
 
 def erm() -> Erm:

@@ -86,7 +86,7 @@ def test_erm_plus_mixupe_is_table_7():
   fn, v, x, y = _setup()
   apply = adapters.make_apply_fn(fn)
   obj = mixupe.mixupe(objectives.erm(num_classes=3), alpha=1.0, eta=0.5)
-  assert obj.alpha == 1.0 and obj.beta is None
+  assert obj.weight == sampling.expected_one_minus_lam(1.0)
   loss, (_, metrics) = obj(apply, v, x, y, jax.random.key(0))
   f = fn(v["params"], x)
   t = jax.nn.one_hot(y, 3)
@@ -131,4 +131,4 @@ def test_nested_settings_change_with_dataclasses_replace():
   changed = dataclasses.replace(obj, base=dataclasses.replace(obj.base, eps=0.01), eta=0.1)
   assert changed.base.eps == 0.01 and changed.eta == 0.1
   assert changed.base.base is obj.base.base and changed.policy is obj.policy
-  assert (obj.alpha, obj.beta) == (2.2, 0.9)  # Read from the untied policy.
+  assert obj.weight == pytest.approx(0.9 / 3.1)  # Read from the untied policy: b / (a + b).

@@ -59,7 +59,7 @@ def test_q_formulas_against_numpy_and_finite_differences():
   fd = (np.asarray(fn(params, x + h * d), np.float64)
         - np.asarray(fn(params, x - h * d), np.float64)) / (2 * h)
   np.testing.assert_allclose(q, np.sum((p - np.asarray(t)) * fd, -1), rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(mixupe.regularizer(q, 0.4, 2.0),
+  np.testing.assert_allclose(mixupe.regularizer(q, sampling.expected_one_minus_lam(0.4, 2.0)),
                              sampling.expected_one_minus_lam(0.4, 2.0) * np.abs(q).mean(),
                              rtol=1e-6)
 
@@ -269,7 +269,7 @@ def test_arguments_and_composition():
   base = objectives.mixup(policies.mixup(1.0), num_classes=3)
   bad = [dict(clean_pass="both"), dict(batch_stats="clean"), dict(rho=0.0), dict(rho=1.5),
          dict(eta=-1.0), dict(mean="dataset"), dict(clean_pass="separate", batch_stats="all"),
-         dict(alpha=0.0), dict(groups=0)]
+         dict(alpha=0.0), dict(groups=0), dict(weight=1.5)]
   for kw in bad:
     with pytest.raises(ValueError):
       mixupe.mixupe(base, **kw)
@@ -280,7 +280,7 @@ def test_arguments_and_composition():
   obj = methods.get_objective("untied+amp+mixupe", num_classes=3, alpha=0.5, beta=2.0,
                                  mixupe={"eta": 0.01, "rho": 0.5})
   assert isinstance(obj, mixupe.MixupE) and isinstance(obj.base, amp.Amp)
-  assert obj.eta == 0.01 and obj.rho == 0.5 and obj.beta == 2.0
+  assert obj.eta == 0.01 and obj.rho == 0.5 and obj.weight == pytest.approx(2.0 / 2.5)
   with pytest.raises(ValueError, match="identically zero"):
     methods.get_objective("untied+mixupe", num_classes=3, loss="cosine", cosine_dim=4)
   cos = methods.get_objective("untied+mixupe", num_classes=3, loss="cosine", cosine_dim=4,

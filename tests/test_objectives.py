@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixjax import adapters, losses, methods, mixing, objectives, pairing, policies
+from mixjax import adapters, losses, methods, mixing, objectives, pairing, policies, sampling
 
 
 class Net(nn.Module):
@@ -151,14 +151,14 @@ def test_hidden_mixing_accepts_token_ids():
         adapters.make_apply(Text()), v, tokens, jnp.arange(6) % 3, jax.random.key(1))
 
 
-def test_mixupe_reads_the_policy_alpha_and_beta():
+def test_mixupe_reads_the_policy_first_order_weight():
   from mixjax import amp, mixupe
   base = objectives.mixup(policies.untied_mixup(2.2, 0.9), num_classes=3)
   m = mixupe.mixupe(amp.amp(base))
-  assert (m.alpha, m.beta) == (2.2, 0.9)
+  assert m.weight == pytest.approx(0.9 / 3.1)  # U(Beta(a, b)): b / (a + b).
   assert (policies.dat(0.4).alpha, policies.dat(0.4).beta) == (0.4, 0.4)
   custom = objectives.mixup(lambda k, b: policies.Coefficients(jnp.ones(b), jnp.ones(b)),
                             num_classes=3)
   with pytest.raises(ValueError, match="alpha"):
     mixupe.mixupe(custom)
-  assert mixupe.mixupe(custom, alpha=0.5).alpha == 0.5
+  assert mixupe.mixupe(custom, alpha=0.5).weight == sampling.expected_one_minus_lam(0.5)

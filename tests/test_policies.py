@@ -213,3 +213,31 @@ def test_the_key_comes_first():
   for pol in (policies.erm(), policies.mixup(1.0), policies.untied_mixup(2.2, 0.9),
               policies.dat(1.0), policies.weighted(policies.mixup(1.0), jnp.square)):
     assert list(inspect.signature(pol).parameters) == ["key", "batch_size"]
+
+
+@pytest.mark.parametrize("policy", [
+    policies.mixup(1.0), policies.mixup(0.4, 2.0), policies.mixup(0.2, per_example=False),
+    policies.untied_mixup(2.2, 0.9), policies.untied_mixup(0.5, 2.0), policies.dat(1.0),
+    policies.dat(0.7, 1.9), policies.erm()])
+def test_first_order_weight_matches_monte_carlo(policy):
+  """`first_order_weight()` = E[lam_y (1 - lam_x) + (1 - lam_y) lam_x], estimated from draws."""
+  n = 400_000
+  if getattr(policy, "per_example", True):
+    c = policy(jax.random.key(11), n)
+  else:  # One lam per batch: n batches of one.
+    c = jax.vmap(lambda k: policy(k, 1))(jax.random.split(jax.random.key(11), n))
+  lx, ly = np.asarray(c.lam_x, np.float64), np.asarray(c.lam_y, np.float64)
+  w = ly * (1 - lx) + (1 - ly) * lx
+  stderr = w.std() / np.sqrt(w.size) + 1e-12
+  assert abs(w.mean() - policy.first_order_weight()) < 5 * stderr, (w.mean(), stderr)
+
+
+def test_first_order_weight_closed_forms():
+  a, b = 2.2, 0.9
+  assert policies.untied_mixup(a, b).first_order_weight() == pytest.approx(b / (a + b))
+  assert policies.dat(1.0).first_order_weight() == pytest.approx(0.5)
+  assert policies.mixup(1.0).first_order_weight() == pytest.approx(1.0 / 3.0)  # D_lam, a = b = 1.
+  assert policies.mixup(a, b).first_order_weight() == pytest.approx(
+      2 * a * b / ((a + b) * (a + b + 1)))
+  with pytest.raises(ValueError, match="weight="):
+    policies.weighted(policies.mixup(1.0), lambda l: l ** 2).first_order_weight()
