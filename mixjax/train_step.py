@@ -68,15 +68,6 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, key:
       skipped=jnp.zeros((), jnp.int32))
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Objective,
                apply: adapters.ApplyFn, tx: optax.GradientTransformation,
                schedule: Optional[optax.Schedule] = None, ema_decay: float = 0.0,
@@ -94,8 +85,12 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
       average their gradients in a `lax.scan`; model state threads through.
   Returns:
     (new state, metrics: f32[] scalars incl. 'loss', 'grad_norm', 'lr', 'finite').
-    A step with a non-finite loss or gradient leaves params, optimizer and
-    model state unchanged ('finite' = 0); the caller stops or skips.
+    A step with a non-finite loss, gradient norm or update norm (an update
+    that overflows, e.g. from a huge learning rate) leaves params, optimizer
+    and model state unchanged ('finite' = 0); the caller stops or skips. The
+    flag is three scalars; params take `where(finite, update, 0)` and the
+    optimizer and model state a `lax.cond`, so no per-leaf flag or copy of the
+    momentum tree is made.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -129,12 +124,16 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     metrics = jax.tree_util.tree_map(jnp.mean, metrics)
 
   model_state = {k: v for k, v in dict(model_state).items() if k in state.model_state}
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
-  params = _select(finite, params, state.params)
-  opt_state = _select(finite, opt_state, state.opt_state)
-  model_state = _select(finite, model_state, state.model_state)
+  # One flag: a non-finite gradient makes its norm non-finite, and an update
+  # that overflows (a huge learning rate) makes the update's norm non-finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+      optax.tree.norm(updates))
+  params = jax.tree_util.tree_map(lambda p, u: p + jnp.where(finite, u, 0).astype(p.dtype),
+                                  state.params, updates)
+  opt_state, model_state = jax.lax.cond(
+      finite, lambda: (opt_state, model_state), lambda: (state.opt_state, state.model_state))
   ema_params, ema_model_state = state.ema_params, state.ema_model_state
   if ema_decay:
     ema_params = optim.ema_update(state.ema_params, params, ema_decay)
@@ -144,8 +143,7 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
                             ema_model_state=ema_model_state,
                             skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = dict(metrics)
-  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                 finite=finite.astype(jnp.float32))
+  metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
   if schedule is not None:
     metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -1,0 +1,78 @@
+"""The generic train step: an update equals optax's; a non-finite step changes nothing."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mixjax import adapters, objectives
+from mixjax import train_step as ts
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(8)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(x))
+    return nn.Dense(3)(x)
+
+
+def _setup(lr=0.1):
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  y = jnp.arange(8) % 3
+  tx = optax.sgd(lr, momentum=0.9)
+  state = ts.create_train_state(Net().init(jax.random.key(1), x), tx, jax.random.key(2),
+                                ema=True)
+  step = jax.jit(functools.partial(ts.train_step, objective=objectives.erm(num_classes=3),
+                                   apply=adapters.make_apply(Net(), train=True), tx=tx,
+                                   ema_decay=0.9))
+  return state, step, {"inputs": x, "labels": y}, tx
+
+
+def test_update_equals_optax_reference():
+  state, step, batch, tx = _setup()
+  new, metrics = step(state, batch)
+
+  def loss_fn(params):
+    out, ms = Net().apply({"params": params, **state.model_state}, batch["inputs"], train=True,
+                          mutable=["batch_stats"])
+    return optax.softmax_cross_entropy(out, jax.nn.one_hot(batch["labels"], 3)).mean(), ms
+
+  (loss, ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt = tx.update(grads, state.opt_state, state.params)
+  chex.assert_trees_all_close(new.params, optax.apply_updates(state.params, updates), rtol=1e-6,
+                              atol=1e-7)  # Biases before batch norm: gradients ~1e-9.
+  chex.assert_trees_all_close(new.opt_state, opt, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(new.model_state, dict(ms), rtol=1e-6)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-6)
+  assert float(metrics["finite"]) == 1.0 and int(new.skipped) == 0 and int(new.step) == 1
+
+
+def _unchanged(old, new):
+  for name in ("params", "opt_state", "model_state", "ema_params", "ema_model_state"):
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(old, name)),
+                    jax.tree_util.tree_leaves(getattr(new, name))):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_nan_gradient_step_changes_nothing():
+  state, step, batch, _ = _setup()
+  bad = {**batch, "inputs": batch["inputs"].at[2, 1].set(jnp.nan)}
+  new, metrics = step(state, bad)
+  assert float(metrics["finite"]) == 0.0 and int(new.skipped) == 1 and int(new.step) == 1
+  _unchanged(state, new)
+
+
+def test_overflowing_update_is_caught_although_loss_and_gradient_are_finite():
+  """A learning rate that overflows float32 turns params to inf/NaN: the step is dropped."""
+  state, step, batch, _ = _setup(lr=1e39)
+  new, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["finite"]) == 0.0
+  _unchanged(state, new)
