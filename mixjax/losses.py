@@ -14,16 +14,31 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mixjax import checks
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _check_targets(name: str, outputs: jax.Array, targets: jax.Array) -> None:
+  """Targets must be float f[B, C] matching the outputs (no silent broadcasting)."""
+  if not jnp.issubdtype(jnp.result_type(targets), jnp.floating):
+    raise ValueError(f"{name}: targets must be float f32[B, C] (one-hot or soft), got dtype "
+                     f"{jnp.result_type(targets)}; turn class ids into targets with "
+                     f"mixjax.to_targets(labels, num_classes).")
+  if jnp.shape(targets) != jnp.shape(outputs):
+    raise ValueError(f"{name}: targets of shape {jnp.shape(targets)} do not match the outputs' "
+                     f"shape {jnp.shape(outputs)}; both must be [B, C].")
 
 
 def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """`-sum_c t_c log softmax(z)_c`: f32[B] from logits f[B, C], targets f32[B, C]."""
+  _check_targets("softmax_cross_entropy", logits, targets)
   return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
 
 
 def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-class binary cross-entropy summed over classes: f32[B]."""
+  """Per-class binary cross-entropy summed over classes: f32[B] (logits, targets f[B, C])."""
+  _check_targets("sigmoid_cross_entropy", logits, targets)
   z = logits.astype(jnp.float32)
   return -jnp.sum(targets * jax.nn.log_sigmoid(z) + (1 - targets) * jax.nn.log_sigmoid(-z),
                   axis=-1)
@@ -84,6 +99,10 @@ def mixup_loss(loss_fn: LossFn, outputs: jax.Array, targets_a: jax.Array, target
   for target-linear losses. `lam`: f32[] or f32[B] (the label coefficient).
   """
   lam = jnp.asarray(lam, jnp.float32)
+  if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != jnp.shape(targets_a)[0]):
+    raise ValueError(f"lam must be f32[] or f32[B] with B = {jnp.shape(targets_a)[0]}, got shape "
+                     f"{lam.shape}.")
+  checks.in_unit_interval("lam (the label coefficient of mixup_loss)", lam)
   if interpolate:
     return lam * loss_fn(outputs, targets_a) + (1 - lam) * loss_fn(outputs, targets_b)
   lam_c = lam.reshape(lam.shape + (1,) * (targets_a.ndim - lam.ndim))

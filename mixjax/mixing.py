@@ -57,6 +57,11 @@ def mix(a: PyTree, b: PyTree, lam: Any) -> PyTree:
   batch = checks.batch_size("inputs", a)
   if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
     raise ValueError("a and b must be pytrees of the same structure.")
+  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    if jnp.shape(u) != jnp.shape(v):
+      raise ValueError(f"mix: a{jax.tree_util.keystr(path)} has shape {jnp.shape(u)} but "
+                       f"b{jax.tree_util.keystr(path)} has {jnp.shape(v)}; they must match "
+                       "(no broadcasting of a batch against another).")
   lam = _check_lam(lam, batch)
   return jax.tree_util.tree_map(lambda u, v: _mix_leaf(u, v, lam), a, b)
 
@@ -92,8 +97,11 @@ def mix_with_partner(tree: PyTree, perm: jax.Array, lam: Any, *, mesh: Optional[
   checks.float_leaves("inputs", tree)
   batch = checks.batch_size("inputs", tree)
   perm = jnp.asarray(perm)
-  if perm.shape != (batch,):
-    raise ValueError(f"perm must be int[{batch}] (one partner per example), got {perm.shape}.")
+  if perm.shape != (batch,) or not jnp.issubdtype(perm.dtype, jnp.integer):
+    raise ValueError(f"perm must be int[{batch}] (one partner per example), got "
+                     f"{perm.dtype}{list(perm.shape)}.")
+  checks.check_array(perm, lambda p: (p >= 0) & (p < batch),
+                     f"perm must hold partner indices in [0, {batch}).")
   lam = _check_lam(lam, batch)
   if mesh is None:
     return mix(tree, take(tree, perm), lam)
@@ -121,6 +129,9 @@ def to_targets(labels: jax.Array, num_classes: Optional[int] = None,
       raise ValueError(f"integer labels must be class ids int[B], got shape {labels.shape}.")
     if num_classes is None:
       raise ValueError("num_classes is required when labels are integer class ids.")
+    checks.check_array(labels, lambda l: (l >= 0) & (l < num_classes),
+                       f"labels must be class ids in [0, num_classes={num_classes}); a label "
+                       "outside would give an all-zero target row. Check num_classes.")
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   else:
     if labels.ndim != 2:

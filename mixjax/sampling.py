@@ -94,6 +94,7 @@ def untied_gamma(lam: jax.Array, alpha: Scalar, beta: Scalar) -> jax.Array:
   """
   a, b = resolve_beta(alpha, beta)
   lam = jnp.asarray(lam, jnp.float32)
+  checks.in_unit_interval("lam (the input coefficient of untied_gamma)", lam)
   if not (checks.is_traced(a) or checks.is_traced(b)) and a == b:
     return jnp.full_like(lam, 0.5)
   d = a - b

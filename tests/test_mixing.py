@@ -9,7 +9,7 @@ from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import mixjax
-from mixjax import checks, mixing, pairing, policies
+from mixjax import checks, losses, mixing, pairing, policies, sampling
 
 
 def _batch(b=8, seed=0):
@@ -205,3 +205,28 @@ def test_float64_inputs_mix_in_float64():
     out = mixing.mix(a, jnp.ones((2, 3), jnp.float64), jnp.array([0.5, 1.0], jnp.float64))
     assert out.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(out)[1], 1.0 + 1e-12, rtol=0, atol=1e-15)
+
+
+def test_bad_inputs_are_named_not_broadcast():
+  x, y = _batch()
+  with pytest.raises(ValueError, match="labels must be class ids"):
+    mixing.to_targets(jnp.array([0, 3, 1]), 3)
+  with pytest.raises(ValueError, match="labels must be class ids"):
+    mixing.mix_batch(jax.random.key(0), x, jnp.asarray(y).at[0].set(-1), policy=policies.mixup(1.0),
+                     num_classes=3)
+  with pytest.raises(ValueError, match="perm must hold partner indices"):
+    mixing.mix_with_partner(x, jnp.arange(x["image"].shape[0]) + 1, 0.5)
+  with pytest.raises(ValueError, match="perm must be int"):
+    mixing.mix_with_partner(x, jnp.zeros(x["image"].shape[0]), 0.5)
+  a = jnp.ones((8, 3))
+  with pytest.raises(ValueError, match="must match"):
+    mixing.mix(a, a[:1], 0.5)
+  with pytest.raises(ValueError, match="do not match"):
+    losses.softmax_cross_entropy(jnp.zeros((4, 3)), jnp.zeros((4, 1)))
+  with pytest.raises(ValueError, match="must be float"):
+    losses.softmax_cross_entropy(jnp.zeros((3, 3)), jnp.arange(3))
+  t = jnp.eye(3)
+  with pytest.raises(ValueError, match="lam"):
+    losses.mixup_loss(losses.softmax_cross_entropy, jnp.zeros((3, 3)), t, t, 1.5)
+  with pytest.raises(ValueError, match="lam"):
+    sampling.untied_gamma(jnp.array([0.5, 1.2]), 2.0, 1.0)
