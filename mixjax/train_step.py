@@ -15,6 +15,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mixjax import adapters
@@ -152,11 +153,17 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
 def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
               num_classes: int,
               loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
-              to_logits: Callable[[jax.Array], jax.Array] = lambda x: x) -> dict[str, jax.Array]:
-  """Sums over a batch: {'loss', 'top1', 'top5', 'count'} (f32[]).
+              to_logits: Callable[[jax.Array], jax.Array] = lambda x: x,
+              calibration_bins: int = 15) -> dict[str, jax.Array]:
+  """Sums over a batch: {'loss', 'top1', 'top5', 'count'} (f32[]) and 'calibration'.
 
   batch: {'inputs', 'labels': int32[B], 'mask': f32[B] (0 for padding)}.
   `apply` runs the model in eval mode; `to_logits` maps outputs to class scores.
+  'calibration' is f32[3, calibration_bins]: per equal-width bin of the
+  confidence max_c softmax(logits)_c, the count, the summed confidence and
+  the summed correctness; sum it over batches and pass it to
+  `expected_calibration_error`. With softmax cross-entropy 'loss' / 'count'
+  is the negative log-likelihood.
   """
   outputs, _ = apply(variables, batch["inputs"], key=None)
   labels = batch["labels"]
@@ -168,5 +175,18 @@ def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
   topk = jax.lax.top_k(logits, k)[1]
   top1 = (topk[:, 0] == labels).astype(jnp.float32)
   top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+  conf = jnp.max(jax.nn.softmax(logits), axis=-1)
+  bins = jnp.clip((conf * calibration_bins).astype(jnp.int32), 0, calibration_bins - 1)
+  onehot = jax.nn.one_hot(bins, calibration_bins, dtype=jnp.float32) * mask[:, None]
+  calibration = jnp.stack([onehot.sum(0), conf @ onehot, top1 @ onehot])
   return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(top1 * mask),
-          "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+          "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask), "calibration": calibration}
+
+
+def expected_calibration_error(calibration: Any) -> float:
+  """ECE = sum_b (n_b / n) |acc_b - conf_b| from `eval_step`'s summed 'calibration' f32[3, bins]."""
+  count, conf, correct = (np.asarray(r, np.float64) for r in calibration)
+  total = count.sum()
+  if total <= 0:
+    raise ValueError("expected_calibration_error needs at least one evaluated example.")
+  return float(np.sum(np.abs(correct - conf)) / total)

@@ -76,3 +76,27 @@ def test_overflowing_update_is_caught_although_loss_and_gradient_are_finite():
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["finite"]) == 0.0
   _unchanged(state, new)
+
+
+def test_eval_step_calibration_matches_numpy_ece():
+  """15-bin expected calibration error, recomputed in NumPy from the softmax outputs."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(40, 4)) * 3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, 40))
+  mask = jnp.asarray((np.arange(40) < 37).astype(np.float32))  # Three padding rows.
+  apply = lambda v, x, key=None: (x, {})  # noqa: E731  (outputs are the inputs)
+  halves = [ts.eval_step({}, {"inputs": logits[s], "labels": labels[s], "mask": mask[s]},
+                         apply=apply, num_classes=4) for s in (slice(0, 20), slice(20, 40))]
+  sums = jax.tree_util.tree_map(jnp.add, *halves)
+  p = np.exp(np.asarray(logits, np.float64))
+  p /= p.sum(-1, keepdims=True)
+  conf, pred = p.max(-1)[:37], p.argmax(-1)[:37]
+  correct = (pred == np.asarray(labels)[:37]).astype(np.float64)
+  edges = np.linspace(0, 1, 16)
+  ece = sum(np.sum(b) / 37 * abs(correct[b].mean() - conf[b].mean())
+            for b in [(conf > lo) & (conf <= hi) for lo, hi in zip(edges[:-1], edges[1:])]
+            if np.any(b))
+  np.testing.assert_allclose(ts.expected_calibration_error(sums["calibration"]), ece, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["count"]), 37)
+  nll = -np.log(p[np.arange(37), np.asarray(labels)[:37]]).sum()
+  np.testing.assert_allclose(float(sums["loss"]), nll, rtol=1e-5)
