@@ -81,9 +81,11 @@ detach it in version 3). `threshold` defaults to 1.0, the README's command
 approximate `q^` only (`exact=True` is refused: the code's exact version 1
 adds `+eta * sum_{q < threshold} q`, of the opposite sign to version 3, and
 the README recommends version 3). Not copied: the code's clean pass is a
-separate forward in training mode (its batch norm updates the running
-statistics a second time); `clean_pass` and `batch_stats` keep their meaning
-here.
+separate forward in training mode with fresh dropout masks, whose batch norm
+updates the running statistics a second time (`clean_pass='separate'` is the
+closest: its own batch statistics, not kept); `clean_pass` and `batch_stats`
+keep their meaning here. The code's `q^` uses the hard labels; here the
+base's targets (label-smoothed if the base smooths).
 
 Cost (benchmarks/methods_overhead.py): R needs the backward pass through the
 clean rows too, so MixupE has about twice mixup's FLOPs with rho = 1 (the

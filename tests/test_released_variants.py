@@ -10,13 +10,15 @@ is called to compute a reference.
 import dataclasses
 from typing import Any
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from mixjax import adapters, amp, mixing, mixupe, objectives, policies, train_step
+from mixjax import adapters, amp, methods, mixing, mixupe, objectives, policies, train_step
 
 B, D, C = 6, 4, 3
 
@@ -229,6 +231,39 @@ def test_amp_released_max_mode_and_missing_state():
     full(apply, {"params": params}, x, y, jax.random.key(0))
 
 
+class _BnNet(nn.Module):
+  """Dense + batch norm (training mode) + dropout: examples interact through the statistics."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+    return nn.Dense(C)(x)
+
+
+def test_amp_released_eps_zero_is_the_base_with_batch_norm():
+  """eps = 0: lam' = lam, no positive delta, weights 1: mixup's loss, gradient and statistics."""
+  _, _, x, y = _problem()
+  apply = adapters.make_apply(_BnNet(), train=True)
+  v = _BnNet().init(jax.random.key(0), x)
+  base = _base()
+  obj = amp.amp(base, eps=0.0, variant="released")
+  v_amp = {**v, **obj.init(x)}
+
+  def run(o, variables):
+    f = jax.value_and_grad(
+        lambda p: o(apply, {**variables, "params": p}, x, y, jax.random.key(4)), has_aux=True)
+    return f(variables["params"])
+
+  (loss_b, (state_b, _)), grads_b = run(base, v)
+  (loss_a, (state_a, metrics)), grads_a = run(obj, v_amp)
+  np.testing.assert_array_equal(loss_a, loss_b)
+  chex.assert_trees_all_equal(grads_a, grads_b)
+  chex.assert_trees_all_equal(state_a["batch_stats"], state_b["batch_stats"])
+  np.testing.assert_array_equal(state_a["amp"]["window"], 0.0)
+  assert float(metrics["amp_mask_frac"]) == 0.0 and float(metrics["amp_weight_max"]) == 1.0
+
+
 def test_mixupe_of_amp_released_returns_the_window():
   apply, params, x, y = _problem()
   lam, perm = _amp_steps()[4]
@@ -259,6 +294,26 @@ def test_amp_released_window_persists_through_train_step():
     assert float(metrics["amp_window_count"]) == window[:, 0].sum()
   # Each step's row moves up by one; after 5 steps the first ones leave the window.
   np.testing.assert_array_equal(window[:, 0], counts[-5:])
+
+
+def test_released_stack_by_name_through_train_step():
+  """'mixup+amp+mixupe' with both variants released, as a config would build it."""
+  apply, params, x, y = _problem()
+  obj = methods.get_objective("mixup+amp+mixupe", num_classes=C,
+                              amp={"eps": 3.0, "variant": "released"},
+                              mixupe={"eta": 0.1, "variant": "released", "threshold": 0.5})
+  assert obj.variant == "released" and obj.base.variant == "released"
+  tx = optax.sgd(0.1)
+  state = train_step.create_train_state({"params": params, **obj.init(x)}, tx,
+                                        jax.random.key(0), ema=False)
+  step = jax.jit(lambda s, bt: train_step.train_step(s, bt, objective=obj, apply=apply, tx=tx))
+  for i in range(3):
+    state, metrics = step(state, {"inputs": x, "labels": y})
+    assert float(metrics["finite"]) == 1.0
+    window = np.asarray(state.model_state["amp"]["window"])
+    assert float(metrics["amp_window_count"]) == window[:, 0].sum()
+    assert np.all(window[:-1 - i, 0] == 0) and window[-1, 0] > 0
+    assert 0.0 <= float(metrics["mixupe_selected_frac"]) <= 1.0
 
 
 # ----------------------------------------------------------------------------
