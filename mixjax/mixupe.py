@@ -60,6 +60,33 @@ its own example only, so `J_f(x_i)` is the per-example Jacobian; with a
 separate clean pass or batch_stats='all' and batch norm in training mode it
 also carries the dependence of the batch statistics on the direction.
 
+Variants. variant='paper' (the default) is the paper's term above.
+variant='released' is the authors' released code's recommended version
+(github.com/oneHuster/MixupE: the README's `--mixupe_version 3`,
+`mixup.py`'s `training_method`), for matching their published numbers; where
+the two differ the paper's is the default. The released term is signed and
+thresholded instead of an absolute value:
+
+  R_rel = -w * sum_{i: q^_i < threshold} q^_i / K,   L = eta_hat * (L_mix + eta * R_rel)
+
+over the K clean rows (K = B for rho = 1; the code divides by the whole batch
+size, not by the number of selected rows), with the same `q^`, weight `w`
+(the code's `1 - beta_mean(alpha + 1, alpha)` = E_{D_lam}[1 - lam] for its
+Beta(alpha, alpha)) and `eta_hat` (no gradient) as the paper variant. For
+`q^_i < 0` the summand is `|q^_i|`, as in the paper; rows with
+`0 <= q^_i < threshold` lower the loss, and rows with `q^_i >= threshold` are
+left out. `q^` carries its gradient through the softmax (the code does not
+detach it in version 3). `threshold` defaults to 1.0, the README's command
+(`main.py`'s own default is -1.0). The released variant takes the
+approximate `q^` only (`exact=True` is refused: the code's exact version 1
+adds `+eta * sum_{q < threshold} q`, of the opposite sign to version 3, and
+the README recommends version 3). Not copied: the code's clean pass is a
+separate forward in training mode with fresh dropout masks, whose batch norm
+updates the running statistics a second time (`clean_pass='separate'` is the
+closest: its own batch statistics, not kept); `clean_pass` and `batch_stats`
+keep their meaning here. The code's `q^` uses the hard labels; here the
+base's targets (label-smoothed if the base smooths).
+
 Cost (benchmarks/methods_overhead.py): R needs the backward pass through the
 clean rows too, so MixupE has about twice mixup's FLOPs with rho = 1 (the
 paper's 1.3x comes from batching on accelerators); rho = 0.25 cuts the extra
@@ -87,7 +114,9 @@ PyTree = Any
 Metrics = dict[str, jax.Array]
 CLEAN_PASSES = ("concat", "separate")
 BATCH_STATS = ("mixed", "all")
+VARIANTS = ("paper", "released")
 STATE_COLLECTION = "mixupe"
+RELEASED_THRESHOLD = 1.0  # The README's --threshold.
 
 
 # ----------------------------------------------------------------------------
@@ -124,6 +153,16 @@ def regularizer(q: jax.Array, weight: float) -> jax.Array:
   `b / (a + b)` for Untied MixUp U(Beta(a, b)) and DAT).
   """
   return weight * jnp.mean(jnp.abs(q))
+
+
+def released_regularizer(q: jax.Array, weight: float, threshold: float) -> jax.Array:
+  """`R_rel = -weight * sum_{q_i < threshold} q_i / K` for q f32[K]: f32[] (signed).
+
+  The released code's version 3 (module docstring, "Variants"); `combine`
+  adds it as `L_mix + eta * R_rel`.
+  """
+  selected = jnp.where(q < threshold, q, 0.0)
+  return -weight * jnp.sum(selected) / q.shape[0]
 
 
 def combine(loss_mix: jax.Array, reg: jax.Array, eta: float) -> tuple[jax.Array, jax.Array]:
@@ -210,6 +249,10 @@ class MixupE(objectives.Wrapper):
   rho: fraction of the clean batch R is estimated on, in (0, 1].
   groups: groups for the clean subset and the concatenated layout (default:
     the base's mesh shards along its axis, else 1).
+  variant: 'paper' (the paper's `R = w mean |q~|`, default) or 'released'
+    (the authors' code, version 3: `-w sum_{q^ < threshold} q^ / K`; see the
+    module docstring).
+  threshold: the released variant's threshold on q^ (the README's 1.0).
   """
   weight: float = 0.5
   eta: float = 1e-3
@@ -219,6 +262,8 @@ class MixupE(objectives.Wrapper):
   batch_stats: str = "mixed"
   rho: float = 1.0
   groups: Optional[int] = None
+  variant: str = "paper"
+  threshold: float = RELEASED_THRESHOLD
 
   decomposes = False  # eta_hat * (L_mix + eta R) is not a per-example mean.
 
@@ -258,6 +303,16 @@ class MixupE(objectives.Wrapper):
                        f"mean), got {self.mean!r}.")
     if self.groups is not None and (int(self.groups) != self.groups or self.groups < 1):
       raise ValueError(f"groups must be a positive integer or None, got {self.groups!r}.")
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant must be one of {list(VARIANTS)} ('paper': the MixupE paper's "
+                       f"term, 'released': the authors' released code, version 3), got "
+                       f"{self.variant!r}.")
+    if self.variant == "released" and self.exact:
+      raise ValueError("variant='released' is the released code's version 3, which uses the "
+                       "approximate q^; use exact=False (or variant='paper' for the exact q).")
+    if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+        or not math.isfinite(self.threshold)):
+      raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
 
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """The base's collections, plus the running mean of the inputs for exact q with mean=None."""
@@ -331,14 +386,21 @@ class MixupE(objectives.Wrapper):
     else:
       q = q_exact(base.loss_fn, out_c, out_dot, targets)
     loss_mix = jnp.mean(per_example)
-    reg = regularizer(q, self.weight)
+    if self.variant == "released":
+      reg = released_regularizer(q, self.weight, self.threshold)
+    else:
+      reg = regularizer(q, self.weight)
     loss, eta_hat = combine(loss_mix, reg, self.eta)
+    # Collections the base's prepare updated (AMP's released window) join the new state.
+    state = {**dict(state), **getattr(draw, "state", {})}
     if new_running is not None:
       state = {**dict(state), STATE_COLLECTION: new_running}
     elif running is not None:
       state = {**dict(state), STATE_COLLECTION: running}
     metrics = {**prepared.metrics, "loss": loss, "loss_mix": loss_mix, "mixupe_r": reg,
                "mixupe_q_abs": jnp.mean(jnp.abs(q)), "mixupe_eta_hat": eta_hat}
+    if self.variant == "released":
+      metrics["mixupe_selected_frac"] = jnp.mean((q < self.threshold).astype(jnp.float32))
     return loss, (state, jax.lax.stop_gradient(metrics))
 
   def _concat_pass(self, apply, variables, inputs, clean, idx, tangent, prepared, groups):
@@ -389,7 +451,8 @@ def mixupe(objective: objectives.Objective, *, eta: float = 1e-3, exact: bool = 
            mean: Union[None, str, PyTree] = None, clean_pass: str = "concat",
            batch_stats: str = "mixed", rho: float = 1.0, groups: Optional[int] = None,
            weight: Optional[float] = None, alpha: Optional[float] = None,
-           beta: Optional[float] = None) -> MixupE:
+           beta: Optional[float] = None, variant: str = "paper",
+           threshold: float = RELEASED_THRESHOLD) -> MixupE:
   """MixupE around an objective (see `MixupE`).
 
   The weight of R is the base policy's first-order weight
@@ -399,7 +462,8 @@ def mixupe(objective: objectives.Objective, *, eta: float = 1e-3, exact: bool = 
   `alpha` (and `beta`): the weight is then E_{D_lam}[1 - lam] of mixup with
   Beta(alpha, beta). `weight` sets it directly (e.g. for `policies.weighted`
   with a custom gamma). `alpha`/`beta` given with a Beta policy must be the
-  policy's.
+  policy's. `variant` is 'paper' (default) or 'released' (the authors' code,
+  version 3, with `threshold`; see the module docstring).
   """
   policy = getattr(objective, "policy", None)
   params = _beta_params(policy)
@@ -416,7 +480,8 @@ def mixupe(objective: objectives.Objective, *, eta: float = 1e-3, exact: bool = 
       raise ValueError("mixupe needs the first-order weight E[1 - lam] of its term: the base "
                        "has no policy with first_order_weight() (e.g. ERM or a custom policy), "
                        "so pass alpha (and beta) of a Beta(alpha, beta) mixup, or weight=.")
-  return MixupE(objective, float(weight), eta, exact, mean, clean_pass, batch_stats, rho, groups)
+  return MixupE(objective, float(weight), eta, exact, mean, clean_pass, batch_stats, rho, groups,
+                variant, threshold)
 
 
 def _beta_params(policy: Any) -> Optional[tuple[float, float]]:
