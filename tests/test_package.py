@@ -163,3 +163,101 @@ def test_colab_url():
   for bad in ["/colabs/amp.ipynb", "colabs/amp.py"]:
     with pytest.raises(ValueError, match="notebook"):
       about.colab_url(bad)
+
+
+_GITHUB = re.compile(r"https?://github\.com/[\w.-]+/mixjax\b[^\s\"')\]]*")
+_COLAB = re.compile(r"https?://colab\.research\.google\.com/github/[^\s\"')\]]+")
+
+
+def _notebook_text(path: pathlib.Path) -> str:
+  return "\n".join(c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+                   for c in json.loads(path.read_text())["cells"])
+
+
+def _texts() -> dict[str, str]:
+  """Every place that spells the repository's address out: README, setup.cfg, notebooks, docs."""
+  texts = {"README.md": README.read_text(), "setup.cfg": (ROOT / "setup.cfg").read_text()}
+  texts |= {f"colabs/{p.name}": _notebook_text(p) for p in NOTEBOOKS}
+  texts |= {f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
+  return texts
+
+
+def address_errors(texts: dict[str, str]) -> list[str]:
+  """Addresses of the repository (GitHub, Colab) that are not `about.REPOSITORY` or built from it."""
+  errors = []
+  for where, text in texts.items():
+    for url in _GITHUB.findall(text):
+      if url.removesuffix(".git") != about.REPOSITORY and not url.startswith(about.REPOSITORY + "/"):
+        errors.append(f"{where}: {url}")
+    for url in _COLAB.findall(text):
+      notebook = url.split(f"/blob/{about.BRANCH}/", 1)[-1]
+      if url != about.colab_url(notebook) or not (ROOT / notebook).is_file():
+        errors.append(f"{where}: {url}")
+  return errors
+
+
+def test_every_address_is_the_repository():
+  texts = _texts()
+  found = sum(len(_GITHUB.findall(t)) + len(_COLAB.findall(t)) for t in texts.values())
+  assert found >= 3 * len(NOTEBOOKS) + 2, found  # badges (notebooks, README), install cells, setup.cfg
+  assert address_errors(texts) == []
+
+
+def test_address_check_catches_a_stale_address():
+  owner_name = about.REPOSITORY.removeprefix("https://github.com/")
+  stale = {"a": "pip install git+https://github.com/someone-else/mixjax",
+           "b": f"[x](https://colab.research.google.com/github/{owner_name}/blob/dev/colabs/amp.ipynb)",
+           "c": f"[x]({about.colab_url('colabs/no_such_notebook.ipynb')})",
+           "d": f"fine: {about.REPOSITORY}.git {about.REPOSITORY}/issues "
+                f"{about.colab_url('colabs/amp.ipynb')} https://github.com/google/flax"}
+  assert [e.split(":")[0] for e in address_errors(stale)] == ["a", "b", "c"]
+
+
+def test_readme_has_a_colab_badge_for_every_notebook():
+  text = README.read_text()
+  for path in NOTEBOOKS:
+    assert f"colab-badge.svg)]({about.colab_url(f'colabs/{path.name}')})" in text, path.name
+
+
+# The notebooks' install cell.
+
+
+def _install_cell(path: pathlib.Path) -> str:
+  cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+  return "".join(cells[0]["source"])
+
+
+def test_every_notebook_installs_the_same_way():
+  cells = {p.name: _install_cell(p) for p in NOTEBOOKS}
+  first = cells[NOTEBOOKS[0].name]
+  assert f'REPOSITORY = "{about.REPOSITORY}"' in first
+  assert "mixjax[notebook] @ git+{REPOSITORY}" in first
+  for name, cell in cells.items():
+    assert cell == first, f"{name}'s first code cell differs from {NOTEBOOKS[0].name}'s"
+
+
+@pytest.mark.parametrize("where, importable, expected", [
+    ("colabs", True, None),                                        # already installed: nothing
+    ("colabs", False, ["-e", f"{ROOT}[notebook]"]),                # in a checkout: from there
+    ("elsewhere", False, [f"mixjax[notebook] @ git+{about.REPOSITORY}"]),  # Colab: from GitHub
+])
+def test_install_cell(monkeypatch, tmp_path, where, importable, expected):
+  """Runs the install cell with pip, find_spec and site.addsitedir replaced by fakes."""
+  import importlib.util
+  import site
+  import subprocess as subprocess_module
+  import sysconfig
+  calls, sitedirs = [], []
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+      real_find_spec(name, *a) if name != "mixjax" or importable else None))
+  monkeypatch.setattr(subprocess_module, "check_call", lambda args: calls.append(args))
+  monkeypatch.setattr(site, "addsitedir", sitedirs.append)
+  monkeypatch.chdir(ROOT / "colabs" if where == "colabs" else tmp_path)
+  exec(compile(_install_cell(NOTEBOOKS[0]), "<install cell>", "exec"), {})
+  if expected is None:
+    assert calls == [] and sitedirs == []
+    return
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", *expected]]
+  # An editable install is activated in the running kernel: its .pth is read now.
+  assert sitedirs == ([sysconfig.get_paths()["purelib"]] if "-e" in expected else [])
