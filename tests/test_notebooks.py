@@ -1,7 +1,8 @@
 """Every notebook in colabs/ runs top to bottom (its own asserts check its claims) and shows its figures.
 
 Committed notebooks carry no outputs; their figures are rendered into docs/notebooks.md and
-docs/images/notebooks/ by one command, to rerun whenever a notebook's figures change:
+docs/images/notebooks/ by one command, run from the repository root whenever a notebook's figures
+change:
 
     python -m tests.test_notebooks              # every notebook (about 2 minutes on a CPU)
     python -m tests.test_notebooks quickstart   # one; the page is rebuilt from all of them
@@ -27,6 +28,8 @@ from mixjax import about
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colabs").glob("*.ipynb"))
+# The order of docs/notebooks.md: the quickstart first.
+PAGE_ORDER = sorted(NOTEBOOKS, key=lambda p: (p.stem != "quickstart", p.stem))
 DOCS_PAGE = ROOT / "docs" / "notebooks.md"
 DOCS_IMAGES = ROOT / "docs" / "images" / "notebooks"
 MAX_PNG_BYTES = 100_000
@@ -87,7 +90,7 @@ def _title_and_intro(nb: nbformat.NotebookNode) -> tuple[str, str]:
   return title, intro
 
 
-def docs_page(notebooks: list[pathlib.Path] = NOTEBOOKS,
+def docs_page(notebooks: list[pathlib.Path] = PAGE_ORDER,
               images: pathlib.Path = DOCS_IMAGES) -> str:
   """docs/notebooks.md: each notebook's title, links and introduction, and its rendered figures.
 
