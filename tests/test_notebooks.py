@@ -58,7 +58,8 @@ def execute(path: pathlib.Path, cwd: pathlib.Path) -> nbformat.NotebookNode:
   NotebookClient(nb, timeout=240, kernel_name="python3",
                  resources={"metadata": {"path": str(cwd)}}).execute(env=env)
   probe = nb.cells.pop()
-  imported = pathlib.Path(probe.outputs[0]["text"].strip()).resolve()
+  printed = "".join(o.get("text", "") for o in probe.outputs if o.get("name") == "stdout")
+  imported = pathlib.Path(printed.strip()).resolve()
   assert imported == ROOT / "mixjax" / "__init__.py", (
       f"{path.name} ran against {imported}, not this checkout's mixjax")
   return nb
