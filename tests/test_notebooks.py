@@ -1,4 +1,4 @@
-"""Every notebook in colabs/ runs top to bottom (its own asserts check its claims) and shows its figures.
+"""Every notebook in colabs/ runs top to bottom (its asserts check its claims) and shows its figures.
 
 Committed notebooks carry no outputs; their figures are rendered into docs/notebooks.md and
 docs/images/notebooks/ by one command, run from the repository root whenever a notebook's figures
@@ -7,8 +7,9 @@ change:
     python -m tests.test_notebooks              # every notebook (about 2 minutes on a CPU)
     python -m tests.test_notebooks quickstart   # one; the page is rebuilt from all of them
 
-`test_notebook_runs` fails when the figures a notebook makes no longer match the committed images
-(one PNG per image output, named `<notebook>-cell<i>-<k>.png`) or the page is stale.
+`test_notebook_runs` fails when a cell that makes a figure displays no image, or when a notebook's
+images no longer match the committed ones (one PNG per image output, `<notebook>-cell<i>-<k>.png`);
+`test_committed_images_are_small_and_on_the_page` when the page is stale or a PNG is over 100 KB.
 """
 
 from __future__ import annotations
