@@ -36,8 +36,8 @@ from mixjax.sampling import (expected_one_minus_lam, expected_sq_one_minus_lam, 
 
 __version__ = "0.1.0"
 
-# Submodules imported on first access of `mixjax.<name>` (an immutable set: no mutable global state;
-# once imported, the submodule is an attribute of the package and `__getattr__` is not called again).
+# Submodules imported on first access of `mixjax.<name>` (an immutable set). Once imported, the
+# submodule is an attribute of the package and `__getattr__` is not called for it again.
 _LAZY_SUBMODULES = frozenset({
     "checkpointing", "config_utils", "experiments", "input_pipeline", "metrics_writer", "models",
     "optim", "sharding", "train_step",

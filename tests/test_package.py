@@ -149,7 +149,8 @@ def test_extra_covers(extra, packages):
 def test_setup_cfg_urls_are_the_repository():
   metadata = _setup_cfg()["metadata"]
   assert metadata["url"] == about.REPOSITORY
-  project_urls = dict(line.split(" = ", 1) for line in metadata["project_urls"].strip().splitlines())
+  project_urls = dict(line.split(" = ", 1)
+                      for line in metadata["project_urls"].strip().splitlines())
   assert project_urls["Source"] == about.REPOSITORY
   for name, url in project_urls.items():
     assert url == about.REPOSITORY or url.startswith(about.REPOSITORY + "/"), (name, url)
@@ -183,11 +184,12 @@ def _texts() -> dict[str, str]:
 
 
 def address_errors(texts: dict[str, str]) -> list[str]:
-  """Addresses of the repository (GitHub, Colab) that are not `about.REPOSITORY` or built from it."""
+  """The repository's addresses (GitHub, Colab) that are not `about.REPOSITORY` or made from it."""
   errors = []
   for where, text in texts.items():
     for url in _GITHUB.findall(text):
-      if url.removesuffix(".git") != about.REPOSITORY and not url.startswith(about.REPOSITORY + "/"):
+      url = url.removesuffix(".git")
+      if url != about.REPOSITORY and not url.startswith(about.REPOSITORY + "/"):
         errors.append(f"{where}: {url}")
     for url in _COLAB.findall(text):
       notebook = url.split(f"/blob/{about.BRANCH}/", 1)[-1]
@@ -199,14 +201,15 @@ def address_errors(texts: dict[str, str]) -> list[str]:
 def test_every_address_is_the_repository():
   texts = _texts()
   found = sum(len(_GITHUB.findall(t)) + len(_COLAB.findall(t)) for t in texts.values())
-  assert found >= 3 * len(NOTEBOOKS) + 2, found  # badges (notebooks, README), install cells, setup.cfg
+  # Badges (in the notebooks and the README), install cells, setup.cfg.
+  assert found >= 3 * len(NOTEBOOKS) + 2, found
   assert address_errors(texts) == []
 
 
 def test_address_check_catches_a_stale_address():
   owner_name = about.REPOSITORY.removeprefix("https://github.com/")
   stale = {"a": "pip install git+https://github.com/someone-else/mixjax",
-           "b": f"[x](https://colab.research.google.com/github/{owner_name}/blob/dev/colabs/amp.ipynb)",
+           "b": f"https://colab.research.google.com/github/{owner_name}/blob/dev/colabs/amp.ipynb",
            "c": f"[x]({about.colab_url('colabs/no_such_notebook.ipynb')})",
            "d": f"fine: {about.REPOSITORY}.git {about.REPOSITORY}/issues "
                 f"{about.colab_url('colabs/amp.ipynb')} https://github.com/google/flax"}
