@@ -1,5 +1,15 @@
-"""mixjax: the mixup family of regularizers for JAX and Flax."""
+"""mixjax: the mixup family of regularizers for JAX and Flax.
 
+The light modules (sampling, policies, mixing, losses, objectives, AMP, MixupE, ...) are imported
+with the package. The heavier ones in `_LAZY_SUBMODULES` (models, the train step, optimizers, input
+pipelines, checkpointing, sharding) are imported on first attribute access, so `import mixjax`
+stays fast and imports neither TensorFlow nor orbax: `mixjax.models.get_model(...)` just works.
+"""
+
+import importlib as _importlib
+import types as _types
+
+from mixjax import about
 from mixjax import adapters
 from mixjax import amp
 from mixjax import attacks
@@ -25,3 +35,22 @@ from mixjax.sampling import (expected_one_minus_lam, expected_sq_one_minus_lam, 
                              sample_dirichlet, sample_untied, untied_gamma)
 
 __version__ = "0.1.0"
+
+# Submodules imported on first access of `mixjax.<name>` (an immutable set). Once imported, the
+# submodule is an attribute of the package and `__getattr__` is not called for it again.
+_LAZY_SUBMODULES = frozenset({
+    "checkpointing", "config_utils", "experiments", "input_pipeline", "metrics_writer", "models",
+    "optim", "sharding", "train_step",
+})
+
+
+def __getattr__(name: str) -> _types.ModuleType:
+  """Imports the lazy submodule `mixjax.<name>` on first access (PEP 562)."""
+  if name in _LAZY_SUBMODULES:
+    return _importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  """The package's attributes, the not-yet-imported lazy submodules included."""
+  return sorted(set(globals()) | _LAZY_SUBMODULES)
