@@ -16,6 +16,7 @@ from mixjax import methods
 from mixjax import models
 from mixjax import policies
 from mixjax.experiments import ablations
+from mixjax.experiments import common
 from mixjax.experiments import corrupted_labels
 from mixjax.experiments import data
 from mixjax.experiments import gan
@@ -29,6 +30,11 @@ MODULES = [twomoons, robustness, corrupted_labels, gan, inbetween, ablations, ta
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def fixed_policy(lam):
+  """A policy that returns the given coefficients f32[B] (for inputs and labels)."""
+  return lambda key, batch_size: policies.Coefficients(lam, lam)
 
 
 def test_corrupt_labels_matches_the_input_pipeline_and_marks_the_replaced():
@@ -74,12 +80,14 @@ def test_ablation_layers_are_the_models_mixing_points_and_knn_partners_come_from
   assert set(ablations.QUICK) <= set(ids)
   cfg = next(c for c in ablations.configs() if c.id == "inputs_ac_knn")
   table = np.array([[1, 2], [2, 0], [0, 1]], np.int32)
-  objective, fetch = ablations.build(cfg, alpha=1.0)
+  lam = jnp.array([0.2, 0.5, 0.9, 0.4])
+  objective, fetch = ablations.build(cfg, fixed_policy(lam))
   X, Y = jnp.arange(3.0)[:, None] * 10, jnp.arange(3)
   (xa, xb), (ya, yb) = fetch((X, Y, table), jnp.array([0, 1, 2, 0]), jax.random.key(0))
   assert isinstance(objective, training.PartnerMixup)      # mixes, with the closer label
-  coeffs = objective.policy(jax.random.key(1), 1000)
-  np.testing.assert_array_equal(coeffs.lam_y, ablations.closer_label(coeffs.lam_x))
+  coeffs = objective.policy(jax.random.key(1), 4)
+  np.testing.assert_array_equal(coeffs.lam_x, lam)
+  np.testing.assert_array_equal(coeffs.lam_y, [0, 1, 1, 0])
   for a, b in zip(np.asarray(ya), np.asarray(yb)):
     assert b in table[a]
   np.testing.assert_array_equal(np.asarray(xb)[:, 0], 10 * np.asarray(yb))
@@ -95,9 +103,9 @@ def test_partner_mixup_is_mixup_with_given_partners():
   apply = lambda v, x, key=None, mix=None: (x @ v["params"]["w"], {})  # noqa: E731
   variables = {"params": {"w": w}}
   key = jax.random.key(0)
-  obj = training.PartnerMixup(policies.mixup(1.0), num_classes=3)
+  lam = jnp.asarray(rng.uniform(size=6), jnp.float32)
+  obj = training.PartnerMixup(fixed_policy(lam), num_classes=3)
   loss, (state, metrics) = obj(apply, variables, (xa, xb), (ya, yb), key)
-  lam = obj.policy(jax.random.split(key)[0], 6).lam_x
   z = np.asarray((lam[:, None] * xa + (1 - lam[:, None]) * xb) @ w)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   idx = np.arange(6)
@@ -143,7 +151,9 @@ def test_gan_nets_start_as_pytorch_linear_layers(which):
 
 def test_gan_mixing_coefficients_of_each_formulation():
   key = jax.random.key(0)
-  draw = lambda mixup, alpha, n: gan.mixing_policy(mixup, alpha)(key, n)  # noqa: E731
+  def draw(mixup, alpha, n):
+    return common.jit(gan.mixing_policy(mixup, alpha), fast=True, static_argnums=1)(key, n)
+
   code = np.asarray(draw("code", 0.2, 20000).lam_x)
   np.testing.assert_array_equal(draw("code", 0.2, 5).lam_y, draw("code", 0.2, 5).lam_x)
   assert code.min() >= 0 and code.max() < 0.2
@@ -165,15 +175,18 @@ def test_gan_mixing_coefficients_of_each_formulation():
 def test_gan_discriminator_batches():
   key, modes = jax.random.key(0), jnp.asarray(gan.centers("25gaussians"))
   fakes = jnp.full((8, 2), 5.0)                              # far from every mode
-  (xa, xb), (ta, tb) = gan.discriminator_batch(key, fakes, modes, jnp.int32(25), None)
-  assert xa.shape == (16, 2) and xa is xb and ta is tb       # ERM: a pool, its own partner
+  batch = common.jit(gan.discriminator_batch, fast=True, static_argnums=4)
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), None)
+  assert xa.shape == (16, 2)                                 # ERM: a pool, its own partner
+  np.testing.assert_array_equal(xa, xb)
+  np.testing.assert_array_equal(ta, tb)
   np.testing.assert_array_equal(np.asarray(ta)[:, 0], np.all(np.asarray(xa) != 5.0, -1))
-  (xa, xb), (ta, tb) = gan.discriminator_batch(key, fakes, modes, jnp.int32(25), "code")
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "code")
   assert xa.shape == xb.shape == (8, 2) and not np.array_equal(xa, xb)   # two pools of 4 + 4
   for x, t in ((xa, ta), (xb, tb)):
     assert np.asarray(t).sum() == 4
     np.testing.assert_array_equal(np.asarray(t)[:, 0], np.all(np.asarray(x) != 5.0, -1))
-  (xa, xb), (ta, tb) = gan.discriminator_batch(key, fakes, modes, jnp.int32(25), "paper")
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "paper")
   assert xa.shape == xb.shape == (8, 2) and np.all(np.asarray(xb) == 5.0)  # real, fake
   assert np.all(np.asarray(xa) != 5.0) and np.all(ta == 1) and np.all(tb == 0)
 

@@ -145,15 +145,15 @@ def knn_pairs(data: tuple, idx: jax.Array, key: jax.Array):
   return (x[idx], x[partner]), (y[idx], y[partner])
 
 
-def build(cfg: Config, alpha: float):
+def build(cfg: Config, policy: policies.Policy):
   """(objective, fetch) of a row for `training.fit` (fetch: `take_rows`, or `knn_pairs` with
-  the neighbour table as extra data)."""
+  the neighbour table as extra data); `policy` draws the mixing coefficients (the paper's:
+  `policies.mixup(alpha)`), its label weight replaced by `closer_label` where the row says."""
   if cfg.kind == "erm":
     return objectives.erm(num_classes=NUM_CLASSES,
                           label_smoothing=cfg.label_smoothing), training.take_rows
   if cfg.kind == "noise":
     return NoisyErm(cfg.sigma), training.take_rows
-  policy = policies.mixup(alpha)
   if cfg.closer_label:
     policy = policies.weighted(policy, closer_label)
   if cfg.kind == "mixup":
@@ -197,7 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            conv=False)
   kinds = {c.pairs for c in rows_cfg if c.kind == "knn"}
   # Objectives and optimizers are built once, so every seed of a row reuses its compilation.
-  built = {c.id: build(c, args.alpha) for c in rows_cfg}
+  policy = policies.mixup(args.alpha)
+  built = {c.id: build(c, policy) for c in rows_cfg}
   splits = {seed: data.split(y, 0.2, seed) for seed in seeds}
   total_steps = epochs * (len(splits[seeds[0]][0]) // args.batch_size)
   txs = {wd: training.sgd(args.lr, weight_decay=wd, total_steps=total_steps) for wd in wds}
