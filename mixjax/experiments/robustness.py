@@ -8,7 +8,8 @@ FGSM and I-FGSM (10 steps of eps/10), l_inf (or l2 with --norm l2), inputs
 clipped to the valid range. Also: white-box FGSM error as a function of eps.
 
 By default the models are the zoo's small pre-activation ResNet
-(`preact_resnet_small`) trained on scikit-learn's 8x8 digits (inputs in [0, 1]). `--checkpoint NAME=WORKDIR` (repeatable) evaluates runs of
+(`preact_resnet_small`) trained on scikit-learn's 8x8 digits (inputs in
+[0, 1]). `--checkpoint NAME=WORKDIR` (repeatable) evaluates runs of
 `train.py` instead (the model is rebuilt from the config saved with the
 checkpoint through `mixjax.models.get_model`; the data from its eval split;
 the valid range is the range of those inputs): the first is the black-box

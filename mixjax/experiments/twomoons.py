@@ -5,9 +5,10 @@ Logistic regression (f = x^T theta, no bias: the setting of Theorem 3.1) and a
 trained on scikit-learn's two moons (standardised), from the same
 initialisation, once on the mixup loss of Eq. (1) and once on its quadratic
 approximation L~_mix = L_std + R1 + R2 + R3 (Lemma 3.1), by
-`mixjax.train_step.train_step` with full-batch Adam. Both are deterministic: the mixup loss sums all n^2 pairs with
-Gauss-Jacobi quadrature over lam (`theory.mixup_loss_exact`), the
-approximation uses nested JVPs (`theory.quadratic_terms`). As in the paper,
+`mixjax.train_step.train_step` with full-batch Adam. Both are deterministic:
+the mixup loss sums all n^2 pairs with Gauss-Jacobi quadrature over lam
+(`theory.mixup_loss_exact`), the approximation uses nested JVPs
+(`theory.quadratic_terms`). As in the paper,
 each model's train and test losses are computed with its own loss; the
 largest relative gap between the two curves is printed. Also reported: both
 losses at the same parameters (the mixup-trained ones), the second-order
