@@ -77,10 +77,6 @@ class Fit:
   history: list[dict[str, float]]
 
 
-def _init(model, key, sample):
-  return train_step_lib.init_variables(model, key, sample)
-
-
 def _epoch(state, data, idx, key, test, *, model, objective, tx, fetch, num_classes):
   apply = objectives.make_apply(model, train=True)
 
@@ -108,7 +104,7 @@ def _forward(model, variables, x):
 _STATIC = ("model", "objective", "tx", "fetch", "num_classes")
 # Immutable: the jitted init, epoch and forward pass per compile mode (fast: XLA's backend
 # optimisations off); jit's own caches keep one compilation per static arguments.
-_JIT = {fast: (jax.jit(_init, static_argnums=0, **opts),
+_JIT = {fast: (jax.jit(train_step_lib.init_variables, static_argnums=0, **opts),
                jax.jit(_epoch, static_argnames=_STATIC, **opts),
                jax.jit(_forward, static_argnums=0, **opts))
         for fast, opts in ((False, {}), (True, {"compiler_options": FAST_COMPILE}))}
