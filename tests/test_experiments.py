@@ -9,22 +9,32 @@ import optax
 import pytest
 from scipy import stats
 
-from mixjax import hidden
+import train
+from mixjax import config_utils
 from mixjax import input_pipeline
-from mixjax import objectives
-from mixjax.experiments import _common as common
+from mixjax import methods
+from mixjax import models
+from mixjax import policies
 from mixjax.experiments import ablations
+from mixjax.experiments import common
 from mixjax.experiments import corrupted_labels
+from mixjax.experiments import data
 from mixjax.experiments import gan
 from mixjax.experiments import inbetween
 from mixjax.experiments import robustness
 from mixjax.experiments import tabular
+from mixjax.experiments import training
 from mixjax.experiments import twomoons
 
 MODULES = [twomoons, robustness, corrupted_labels, gan, inbetween, ablations, tabular]
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def fixed_policy(lam):
+  """A policy that returns the given coefficients f32[B] (for inputs and labels)."""
+  return lambda key, batch_size: policies.Coefficients(lam, lam)
 
 
 def test_corrupt_labels_matches_the_input_pipeline_and_marks_the_replaced():
@@ -60,23 +70,52 @@ def test_nearest_neighbours_brute_force(same_class):
 
 
 def test_ablation_layers_are_the_models_mixing_points_and_knn_partners_come_from_the_table():
-  module = common.ResNet(width=4, num_classes=10, conv=False)
-  x = np.zeros((2, 8, 8, 1), np.float32)
-  paths = hidden.module_paths(module, common.init(module, x, 0), x)
-  assert set(common.MIX_POINTS.values()) <= set(paths)
+  # (test_models checks that every mixing point is a submodule the model calls, in order.)
+  model = models.get_model("preact_resnet_small", width=4, conv=False)
+  assert list(ablations.MIX_POINTS.values()) == list(model.mixing_points[1:-1])
+  layers = {c.point for c in ablations.configs() if c.id.startswith("layer")}
+  assert layers == set(ablations.MIX_POINTS.values())
   ids = [c.id for c in ablations.configs()]
   assert len(ids) == len(set(ids)) == len(ablations.PUBLISHED) == 22
   assert set(ablations.QUICK) <= set(ids)
   cfg = next(c for c in ablations.configs() if c.id == "inputs_ac_knn")
   table = np.array([[1, 2], [2, 0], [0, 1]], np.int32)
-  _, mixes, batch_fn = ablations.build(cfg, table)
+  lam = jnp.array([0.2, 0.5, 0.9, 0.4])
+  objective, fetch = ablations.build(cfg, fixed_policy(lam))
   X, Y = jnp.arange(3.0)[:, None] * 10, jnp.arange(3)
-  (xa, xb), (ya, yb) = batch_fn(X, Y, jnp.array([0, 1, 2, 0]), jax.random.key(0))
-  assert mixes
+  (xa, xb), (ya, yb) = fetch((X, Y, table), jnp.array([0, 1, 2, 0]), jax.random.key(0))
+  assert isinstance(objective, training.PartnerMixup)      # mixes, with the closer label
+  coeffs = objective.policy(jax.random.key(1), 4)
+  np.testing.assert_array_equal(coeffs.lam_x, lam)
+  np.testing.assert_array_equal(coeffs.lam_y, [0, 1, 1, 0])
   for a, b in zip(np.asarray(ya), np.asarray(yb)):
     assert b in table[a]
   np.testing.assert_array_equal(np.asarray(xb)[:, 0], 10 * np.asarray(yb))
   np.testing.assert_array_equal(ablations.closer_label(jnp.array([0.2, 0.5, 0.9])), [0, 1, 1])
+
+
+def test_partner_mixup_is_mixup_with_given_partners():
+  """Against the loss by hand; with lam = 1 (the erm policy) it is ERM on x_a."""
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  xa, xb = (jnp.asarray(rng.normal(size=(6, 4)), jnp.float32) for _ in range(2))
+  ya, yb = jnp.asarray(rng.integers(0, 3, 6)), jnp.asarray(rng.integers(0, 3, 6))
+  apply = lambda v, x, key=None, mix=None: (x @ v["params"]["w"], {})  # noqa: E731
+  variables = {"params": {"w": w}}
+  key = jax.random.key(0)
+  lam = jnp.asarray(rng.uniform(size=6), jnp.float32)
+  obj = training.PartnerMixup(fixed_policy(lam), num_classes=3)
+  loss, (state, metrics) = obj(apply, variables, (xa, xb), (ya, yb), key)
+  z = np.asarray((lam[:, None] * xa + (1 - lam[:, None]) * xb) @ w)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  idx = np.arange(6)
+  want = -np.mean(lam * logp[idx, ya] + (1 - lam) * logp[idx, yb])
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert state == {} and metrics["loss"] == loss
+  erm_loss, _ = training.PartnerMixup(policies.erm(), num_classes=3)(
+      apply, variables, (xa, xb), (ya, yb), key)
+  want_erm, _ = methods.get_objective("erm", num_classes=3)(apply, variables, xa, ya, key)
+  np.testing.assert_allclose(erm_loss, want_erm, rtol=1e-6)
 
 
 def test_gan_data_and_mode_statistics():
@@ -93,36 +132,63 @@ def test_gan_data_and_mode_statistics():
     gan.centers("swissroll")
 
 
-def test_gan_nets_start_as_pytorch_linear_layers():
-  params = gan.Net(256, 2).init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
-  assert [p["kernel"].shape for p in params.values()] == [(2, 256), (256, 256), (256, 256),
-                                                           (256, 2)]
-  for layer in params.values():
+@pytest.mark.parametrize("which", [0, 1])
+def test_gan_nets_start_as_pytorch_linear_layers(which):
+  net = gan.networks(256)[which]
+  params = net.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
+  layers = [params[f"stage{i}"]["dense"] for i in (1, 2, 3)] + [params["out" if which == 0
+                                                                       else "head"]]
+  assert [p["kernel"].shape for p in layers] == [(2, 256), (256, 256), (256, 256),
+                                                 (256, 2 - which)]
+  for layer in layers:
     bound = 1 / np.sqrt(layer["kernel"].shape[0])
     kernel = np.asarray(layer["kernel"]).ravel()
     assert np.abs(kernel).max() <= bound and np.abs(layer["bias"]).max() <= bound
-    assert np.abs(layer["bias"]).max() > 0.5 * bound                 # not zeros
+    assert layer["bias"].size < 8 or np.abs(layer["bias"]).max() > 0.5 * bound  # not zeros
     if kernel.size > 1000:                                             # U(-bound, bound)
       assert stats.kstest(kernel, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
 
 
 def test_gan_mixing_coefficients_of_each_formulation():
   key = jax.random.key(0)
-  code = np.asarray(gan.sample_lams(key, "code", 0.2, 20000))
+  def draw(mixup, alpha, n):
+    return common.jit(gan.mixing_policy(mixup, alpha), fast=True, static_argnums=1)(key, n)
+
+  code = np.asarray(draw("code", 0.2, 20000).lam_x)
+  np.testing.assert_array_equal(draw("code", 0.2, 5).lam_y, draw("code", 0.2, 5).lam_x)
   assert code.min() >= 0 and code.max() < 0.2
   assert stats.kstest(code, stats.uniform(0, 0.2).cdf).pvalue > 1e-3
-  paper = np.asarray(gan.sample_lams(key, "paper", 0.2, 20000))
+  paper = np.asarray(draw("paper", 0.2, 20000).lam_x)
   # Binned, not KS: ~2% of exact Beta(0.2, 0.2) draws lie within float32's spacing of 1
   # and round to 1.0, a tie KS cannot take.
   edges = np.linspace(0, 1, 11)
   counts = np.histogram(paper, edges)[0]
   expected = len(paper) * np.diff(stats.beta(0.2, 0.2).cdf(edges))
   assert stats.chisquare(counts, expected).pvalue > 1e-3
-  np.testing.assert_array_equal(gan.sample_lams(key, None, 0.2, 5), np.ones(5))
+  np.testing.assert_array_equal(draw(None, 0.2, 5).lam_x, np.ones(5))
   with pytest.raises(ValueError, match="Uniform"):
-    gan.sample_lams(key, "code", 2.0, 5)
+    gan.mixing_policy("code", 2.0)
   with pytest.raises(ValueError, match="mixup must be None or one of"):
-    gan.make_chunk(8, 4, 1, "wgan")
+    gan.train("8gaussians", "wgan", alpha=0.2, hidden=8, snapshots=[10], seed=0)
+
+
+def test_gan_discriminator_batches():
+  key, modes = jax.random.key(0), jnp.asarray(gan.centers("25gaussians"))
+  fakes = jnp.full((8, 2), 5.0)                              # far from every mode
+  batch = common.jit(gan.discriminator_batch, fast=True, static_argnums=4)
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), None)
+  assert xa.shape == (16, 2)                                 # ERM: a pool, its own partner
+  np.testing.assert_array_equal(xa, xb)
+  np.testing.assert_array_equal(ta, tb)
+  np.testing.assert_array_equal(np.asarray(ta)[:, 0], np.all(np.asarray(xa) != 5.0, -1))
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "code")
+  assert xa.shape == xb.shape == (8, 2) and not np.array_equal(xa, xb)   # two pools of 4 + 4
+  for x, t in ((xa, ta), (xb, tb)):
+    assert np.asarray(t).sum() == 4
+    np.testing.assert_array_equal(np.asarray(t)[:, 0], np.all(np.asarray(x) != 5.0, -1))
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "paper")
+  assert xa.shape == xb.shape == (8, 2) and np.all(np.asarray(xb) == 5.0)  # real, fake
+  assert np.all(np.asarray(xa) != 5.0) and np.all(ta == 1) and np.all(tb == 0)
 
 
 def test_inbetween_stats_of_a_linear_model_by_hand():
@@ -146,23 +212,21 @@ def test_inbetween_stats_of_a_linear_model_by_hand():
     np.testing.assert_allclose(norm[k], want_norm, rtol=1e-5)
 
 
-def test_pooled_beta_sampler_and_fit_are_deterministic():
-  lam = np.asarray(common.sample_beta(jax.random.key(0), 0.4, 2.0, 5000))
-  assert lam.shape == (5000,) and stats.kstest(lam, stats.beta(0.4, 2.0).cdf).pvalue > 1e-3
-  with pytest.raises(ValueError, match="alpha"):
-    common.sample_beta(jax.random.key(0), 0.0, None, 3)
-  x, y, c = common.load_tabular("iris")
-  module = common.MLP((8,), c)
-  obj = lambda lam: objectives.mixup(common.fixed_policy(lam), num_classes=c)  # noqa: E731
+def test_fit_is_deterministic_lowers_the_loss_and_reports_the_test_error():
+  x, y, c = data.load_tabular("iris")
+  model = models.get_model("mlp", num_classes=c, hidden_sizes=(8,))
+  obj = methods.get_objective("mixup", num_classes=c, alpha=1.0)
   tx = optax.adam(1e-2)
-  runs = [common.fit(module, common.init(module, x, 0), obj, x, y, tx=tx, epochs=4,
-                     batch_size=16, seed=3, mix=(1.0, None)) for _ in range(2)]
+  runs = [training.fit(model, obj, x, y, tx=tx, epochs=4, batch_size=16, seed=3,
+                       test=(x[:50], y[:50]), num_classes=c, fast=True) for _ in range(2)]
   jax.tree_util.tree_map(np.testing.assert_array_equal, runs[0].variables, runs[1].variables)
   losses = [h["train_loss"] for h in runs[0].history]
   assert losses[-1] < losses[0]
+  logits = training.predict(model, runs[0].variables, x[:50], fast=True)
+  assert runs[0].history[-1]["test_error"] == pytest.approx(
+      training.error_rate(logits, y[:50]), abs=1e-6)
   with pytest.raises(ValueError, match="batch_size"):
-    common.fit(module, common.init(module, x, 0), obj, x, y, tx=tx, epochs=1, batch_size=1000,
-               seed=0)
+    training.fit(model, obj, x, y, tx=tx, epochs=1, batch_size=1000, seed=0)
 
 
 # ----------------------------------------------------------------------------- --quick runs
@@ -279,10 +343,6 @@ def test_tabular_quick(tmp_path):
 
 
 def test_robustness_evaluates_train_py_checkpoints(tmp_path):
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  import train
-  from mixjax import config_utils
   c = config_utils.base_config()
   c.method = "erm"
   c.model.name = "mlp"

@@ -78,6 +78,11 @@ TINY = {
     "gan_generator": ("gan_generator", dict(hidden_sizes=(8, 8, 8)), (2,), jnp.float32),
     "gan_discriminator": ("gan_discriminator", dict(hidden_sizes=(8, 8, 8)), (2,), jnp.float32),
     "digits_cnn": ("digits_cnn", {}, (8, 8, 1), jnp.float32),
+    "preact_small": ("preact_resnet_small", dict(width=4), (8, 8, 1), jnp.float32),
+    "preact_small_dense": ("preact_resnet_small", dict(width=4, conv=False), (8, 8, 1),
+                           jnp.float32),
+    "mlp_dropout": ("mlp", dict(num_classes=3, hidden_sizes=(6, 5), dropout=0.5), (5,),
+                    jnp.float32),
 }
 
 
@@ -353,12 +358,32 @@ def test_embeddings_from_array_or_npy_and_frozen(tmp_path):
 # ----------------------------------------------------------------------------- dropout
 
 
-def test_dropout_uses_the_dropout_rng():
-  model, v, x = tiny("lenet")
+@pytest.mark.parametrize("family", ["lenet", "mlp_dropout"])
+def test_dropout_uses_the_dropout_rng(family):
+  model, v, x = tiny(family)
   run = lambda k: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(k)})  # noqa: E731
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.allclose(run(0), run(1))
   np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))  # Eval: no dropout.
+
+
+def test_mlp_dropout_drops_hidden_units_and_keeps_the_parameters():
+  """dropout=0 (the default) is the plain MLP; p > 0 zeroes about p of the hidden units."""
+  model, v, x = tiny("mlp_dropout")
+  plain = models.get_model("mlp", num_classes=3, hidden_sizes=(6, 5))
+  np.testing.assert_array_equal(plain.apply(v, x, train=True), model.apply(v, x))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((500, 5)), jnp.float32)
+  wide = models.get_model("mlp", num_classes=3, hidden_sizes=(64,), dropout=0.25)
+  variables = random_variables(wide, x)
+  _, inter = wide.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
+                        capture_intermediates=True)
+  kept = np.asarray(inter["intermediates"]["Dropout_0"]["__call__"][0])
+  active = np.asarray(inter["intermediates"]["stage1"]["__call__"][0]) > 0
+  assert abs(np.mean(kept[active] == 0) - 0.25) < 0.02
+  np.testing.assert_allclose(kept[kept != 0], np.asarray(
+      inter["intermediates"]["stage1"]["__call__"][0])[kept != 0] / 0.75, rtol=1e-6)
+  with pytest.raises(ValueError, match="dropout must be in"):
+    models.get_model("mlp", dropout=1.0)
 
 
 # ----------------------------------------------------------------------------- batch norm
@@ -430,6 +455,42 @@ def test_gan_generator_and_discriminator_shapes():
   samples = g.apply(vg, z)
   assert samples.shape == (4, 2)
   assert d.apply(vd, samples).shape == (4, 1)
+
+
+@pytest.mark.parametrize("name, last", [("gan_generator", "out"),
+                                        ("gan_discriminator", "head")])
+def test_gan_nets_pytorch_init(name, last):
+  """pytorch_init: kernels and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); default: zero biases."""
+  x = jnp.zeros((1, 2))
+  for pytorch_init in (False, True):
+    net = models.get_model(name, hidden_sizes=(64, 64, 64), pytorch_init=pytorch_init)
+    params = net.init(jax.random.key(0), x)["params"]
+    layers_ = [params[f"stage{i}"]["dense"] for i in (1, 2, 3)] + [params[last]]
+    for layer in layers_:
+      bound = 1 / np.sqrt(layer["kernel"].shape[0])
+      bias = np.abs(np.asarray(layer["bias"]))
+      if pytorch_init:
+        assert np.abs(layer["kernel"]).max() <= bound and 0 < bias.max() <= bound
+        assert bias.size < 8 or bias.max() > 0.5 * bound    # spread over (-bound, bound)
+      else:
+        assert bias.max() == 0
+  with pytest.raises(ValueError, match="fan_in"):
+    models.mlp.pytorch_linear_init(0)
+
+
+def test_small_preact_resnet_layout():
+  """Stem, one-block stages and head; the dense variant has the same layers as Dense."""
+  for conv, shape in ((True, (3, 3, 1, 8)), (False, (64, 8))):
+    model = models.get_model("preact_resnet_small", width=8, num_blocks=3, conv=conv)
+    assert model.mixing_points == ("input", "stem", "stage1", "stage2", "stage3", "pre_logits")
+    _, v = shapes_of(model, jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32))
+    p = v["params"]
+    assert sorted(p) == ["head", "stage1", "stage2", "stage3", "stem"]
+    assert p["stem"]["kernel"].shape == shape and "batch_stats" not in v
+    block = p["stage1"]["conv1" if conv else "dense1"]["kernel"].shape
+    assert block == ((3, 3, 8, 8) if conv else (8, 8))
+  with pytest.raises(ValueError, match="num_blocks"):
+    models.get_model("preact_resnet_small", num_blocks=0)
 
 
 def test_point_is_identity():

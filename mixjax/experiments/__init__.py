@@ -13,5 +13,6 @@ a CPU-minutes version (small models, few steps) that the test suite runs.
 - `ablations`: the mixup paper's ablation study (Table 5).
 - `tabular`: the 2x128 MLP on small UCI tables (Table 4; MixupE Table 4).
 
-The training loop, data and small models they share are in `_common`.
+Models come from `mixjax.models`, steps from `mixjax.train_step` (looped by `training.fit`);
+`common` holds the command line, reports and figures, `data` the datasets.
 """

@@ -5,8 +5,9 @@ training examples are formed:
 - ERM; mixup of random pairs from all classes (AC + RP, the default) or with
   one of the k nearest neighbours of each example (AC + KNN, k = 200);
 - mixing labels and latent representations at Layer 1..5, i.e. before
-  residual block 1..4 or before the classifier (`mixjax.hidden.mix_at` on the
-  model's named submodules, AC + RP);
+  residual block 1..4 or before the classifier (the `point` of
+  `objectives.mixup`: the model's mixing points 'stem', 'stage1'..'stage4',
+  AC + RP);
 - mixing inputs only, with the label of the closer example (weight >= 1/2),
   pairs from the same class (SC) or all classes (AC), random (RP) or k
   nearest neighbours (KNN; SC + KNN is SMOTE);
@@ -15,9 +16,10 @@ training examples are formed:
 Each at two weight decays (1e-4, 5e-4). Reported: the median test error of the
 last 10 epochs, mean ± std over seeds (each seed draws its own train/test split
 and initialisation). Data: scikit-learn's 8x8 digits (the paper: CIFAR-10 with
-PreAct ResNet-18); model: a small pre-activation ResNet with dense residual
-blocks (XLA's CPU convolutions would make the 44 runs take hours); SGD with
-momentum and cosine decay; lam ~ Beta(1, 1).
+PreAct ResNet-18); model: the zoo's small pre-activation ResNet
+(`preact_resnet_small`) with dense residual blocks (XLA's CPU convolutions
+would make the 44 runs take hours); SGD with momentum and cosine decay;
+lam ~ Beta(1, 1).
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax import losses
-from mixjax import mixing
+from mixjax import models
 from mixjax import objectives
 from mixjax import pairing
-from mixjax.experiments import _common as common
+from mixjax import policies
+from mixjax.experiments import common
+from mixjax.experiments import data
+from mixjax.experiments import training
 
 NAME = "ablations"
 NUM_CLASSES = 10
+# Layer k of the paper's table -> the mixing point of `preact_resnet_small` whose output
+# enters residual block k (k = 1..4), or the classifier (k = 5).
+MIX_POINTS = {1: "stem", 2: "stage1", 3: "stage2", 4: "stage3", 5: "stage4"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +67,7 @@ def configs() -> list[Config]:
   out = [Config("erm", "ERM", "", False, False, "erm"),
          Config("mixup_ac_rp", "mixup", "AC + RP", True, True, "mixup"),
          Config("mixup_ac_knn", "mixup", "AC + KNN", True, True, "knn", pairs="all")]
-  for k, point in common.MIX_POINTS.items():
+  for k, point in MIX_POINTS.items():
     out.append(Config(f"layer{k}", "mix labels and latent representations (AC + RP)",
                       f"Layer {k}", True, True, "mixup", point=point))
   for spec, kind, pairs in (("SC + KNN", "knn", "same"), ("AC + KNN", "knn", "all"),
@@ -116,64 +123,45 @@ def closer_label(lam: jax.Array) -> jax.Array:
   return (lam >= 0.5).astype(jnp.float32)
 
 
-def _partner_objective(lam_x, lam_y, label_smoothing):
-  """Mixes each example with a given partner: inputs ((x_a, x_b)), labels ((y_a, y_b))."""
-  def objective(apply, variables, inputs, labels, key):
-    (xa, xb), (ya, yb) = inputs, labels
-    out, state = apply(variables, mixing.mix(xa, xb, lam_x), key=key)
-    ta = mixing.to_targets(ya, NUM_CLASSES, label_smoothing)
-    tb = mixing.to_targets(yb, NUM_CLASSES, label_smoothing)
-    loss = jnp.mean(losses.mixup_loss(losses.softmax_cross_entropy, out, ta, tb, lam_y))
-    return loss, (state, {"loss": loss})
-  return objective
+@dataclasses.dataclass(frozen=True)
+class NoisyErm:
+  """ERM on inputs plus N(0, sigma^2) noise (an objective, like `objectives.erm`)."""
+  sigma: float
+  erm: objectives.Erm = objectives.erm(num_classes=NUM_CLASSES)
 
-
-def _noise_objective(sigma):
-  erm = objectives.erm(num_classes=NUM_CLASSES)
-
-  def objective(apply, variables, inputs, labels, key):
+  def __call__(self, apply, variables, inputs, labels, key):
     k_noise, k_drop = jax.random.split(key)
-    noisy = inputs + sigma * jax.random.normal(k_noise, inputs.shape, inputs.dtype)
-    return erm(apply, variables, noisy, labels, k_drop)
-  return objective
+    noisy = inputs + self.sigma * jax.random.normal(k_noise, inputs.shape, inputs.dtype)
+    return self.erm(apply, variables, noisy, labels, k_drop)
 
 
-def build(cfg: Config, neighbours: Optional[np.ndarray]):
-  """(objective_fn, mixes?, batch_fn) for `common.fit`."""
-  label = closer_label if cfg.closer_label else (lambda lam: lam)
+def knn_pairs(data: tuple, idx: jax.Array, key: jax.Array):
+  """`training.fit`'s fetch for the KNN rows: each example and a random one of its neighbours.
+
+  data = (X, Y, neighbours int32[N, k]); returns ((X[idx], X[partner]), (Y[idx], Y[partner])).
+  """
+  x, y, table = data
+  partner = table[idx, jax.random.randint(key, idx.shape, 0, table.shape[1])]
+  return (x[idx], x[partner]), (y[idx], y[partner])
+
+
+def build(cfg: Config, policy: policies.Policy):
+  """(objective, fetch) of a row for `training.fit` (fetch: `take_rows`, or `knn_pairs` with
+  the neighbour table as extra data); `policy` draws the mixing coefficients (the paper's:
+  `policies.mixup(alpha)`), its label weight replaced by `closer_label` where the row says."""
   if cfg.kind == "erm":
-    return (lambda lam: objectives.erm(num_classes=NUM_CLASSES,
-                                       label_smoothing=cfg.label_smoothing)), False, None
+    return objectives.erm(num_classes=NUM_CLASSES,
+                          label_smoothing=cfg.label_smoothing), training.take_rows
   if cfg.kind == "noise":
-    return (lambda lam: _noise_objective(cfg.sigma)), False, None
+    return NoisyErm(cfg.sigma), training.take_rows
+  if cfg.closer_label:
+    policy = policies.weighted(policy, closer_label)
   if cfg.kind == "mixup":
-    pair = pairing.get_pairing(cfg.pairs)
-    return (lambda lam: objectives.mixup(common.fixed_policy(lam, label(lam)), pair,
-                                         num_classes=NUM_CLASSES, point=cfg.point,
-                                         label_smoothing=cfg.label_smoothing)), True, None
-  table = jnp.asarray(neighbours)
-
-  def batch_fn(X, Y, idx, key):
-    partner = table[idx, jax.random.randint(key, idx.shape, 0, table.shape[1])]
-    return (X[idx], X[partner]), (Y[idx], Y[partner])
-  return (lambda lam: _partner_objective(lam, label(lam), cfg.label_smoothing)), True, batch_fn
-
-
-def run(cfg: Config, data, *, module, weight_decay: float, epochs: int, batch_size: int,
-        lr: float, alpha: float, seed: int, neighbours: dict, last: int) -> dict:
-  """Trains one configuration on one split; returns the per-epoch test errors and the
-  median of the last `last`."""
-  xtr, ytr, xte, yte = data
-  objective_fn, mixes, batch_fn = build(cfg, neighbours.get(cfg.pairs))
-  tx = common.sgd(lr, weight_decay=weight_decay,
-                  total_steps=epochs * (len(xtr) // batch_size))
-  fit = common.fit(module, common.init(module, xtr, seed), objective_fn, xtr, ytr, tx=tx,
-                   epochs=epochs, batch_size=batch_size, seed=seed,
-                   mix=(alpha, None) if mixes else None, batch_fn=batch_fn,
-                   on_epoch=lambda e, v: {"test_error": common.error_rate(
-                       common.predict(module, v, xte), yte)})
-  errors = np.array([h["test_error"] for h in fit.history])
-  return {"errors": errors, "median_last": float(np.median(errors[-last:]))}
+    return objectives.mixup(policy, pairing.get_pairing(cfg.pairs), num_classes=NUM_CLASSES,
+                            point=cfg.point,
+                            label_smoothing=cfg.label_smoothing), training.take_rows
+  return training.PartnerMixup(policy, num_classes=NUM_CLASSES,
+                               label_smoothing=cfg.label_smoothing), knn_pairs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -191,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--lr", type=float, default=0.05)
   parser.add_argument("--alpha", type=float, default=1.0)
   parser.add_argument("--k", type=int, default=200, help="nearest neighbours (KNN rows)")
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   ids = args.configs or (list(QUICK) if args.quick else all_ids)
   unknown = [i for i in ids if i not in all_ids]
   if unknown:
@@ -204,20 +192,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   seeds = [args.seed + i for i in range(args.seeds or (1 if args.quick else 3))]
   width = args.width or (16 if args.quick else 128)
 
-  x, y = common.digits_images()
-  module = common.ResNet(width=width, num_classes=NUM_CLASSES, conv=False)
+  x, y = data.digits_images()
+  model = models.get_model("preact_resnet_small", num_classes=NUM_CLASSES, width=width,
+                           conv=False)
   kinds = {c.pairs for c in rows_cfg if c.kind == "knn"}
+  # Objectives and optimizers are built once, so every seed of a row reuses its compilation.
+  policy = policies.mixup(args.alpha)
+  built = {c.id: build(c, policy) for c in rows_cfg}
+  splits = {seed: data.split(y, 0.2, seed) for seed in seeds}
+  total_steps = epochs * (len(splits[seeds[0]][0]) // args.batch_size)
+  txs = {wd: training.sgd(args.lr, weight_decay=wd, total_steps=total_steps) for wd in wds}
   results = {}
   for seed in seeds:
-    tr, te = common.split(y, 0.2, seed)
-    data = (x[tr], y[tr], x[te], y[te])
+    tr, te = splits[seed]
     neighbours = {p: nearest_neighbours(x[tr], y[tr], args.k, p == "same") for p in kinds}
     for c in rows_cfg:
+      objective, fetch = built[c.id]
+      extra = (neighbours[c.pairs],) if c.kind == "knn" else ()
       for wd in wds:
+        fit = training.fit(model, objective, x[tr], y[tr], tx=txs[wd], epochs=epochs,
+                           batch_size=args.batch_size, seed=seed, test=(x[te], y[te]),
+                           fetch=fetch, extra=extra, fast=args.quick)
+        errors = np.array([h["test_error"] for h in fit.history])
         results.setdefault((c.id, wd), []).append(
-            run(c, data, module=module, weight_decay=wd, epochs=epochs,
-                batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, seed=seed,
-                neighbours=neighbours, last=last))
+            {"errors": errors, "median_last": float(np.median(errors[-last:]))})
   medians = {k: [r["median_last"] for r in v] for k, v in results.items()}
 
   tick = lambda b: "✓" if b else "✗"  # noqa: E731

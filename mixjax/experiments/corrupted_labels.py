@@ -8,9 +8,9 @@ whose labels were kept ("real") and on the replaced ones, measured against
 the corrupted labels ("corrupted": low means memorised). Methods and
 hyper-parameters are the paper's best per corruption level: dropout p = 0.7
 (20%) / 0.8 (50%, 80%), mixup alpha = 8 (20%) / 32 (50%, 80%), and mixup +
-dropout (alpha = 8, p = 0.3). Model: an MLP on scikit-learn's digits (the
-paper: PreAct ResNet-18 on CIFAR-10), SGD with momentum, learning rate / 10
-at 50% and 75% of training, weight decay 1e-4.
+dropout (alpha = 8, p = 0.3). Model: the zoo's `mlp` (with `dropout`) on
+scikit-learn's digits (the paper: PreAct ResNet-18 on CIFAR-10), SGD with
+momentum, learning rate / 10 at 50% and 75% of training, weight decay 1e-4.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 import optax
 
-from mixjax import objectives
-from mixjax.experiments import _common as common
+from mixjax import methods
+from mixjax import models
+from mixjax.experiments import common
+from mixjax.experiments import data
+from mixjax.experiments import training
 
 NAME = "corrupted_labels"
 # Corruption level -> [(label, dropout, alpha or None)], the paper's Table 2 settings.
@@ -74,32 +77,27 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
   return labels, mask
 
 
-def run_one(x, y_true, y_train, mask, xte, yte, *, dropout: float, alpha: Optional[float],
-            hidden: Sequence[int], epochs: int, batch_size: int, lr: float, seed: int) -> dict:
-  """Trains one method; returns test errors per epoch and final training errors."""
-  module = common.MLP(tuple(hidden), 10, dropout=dropout)
-  steps = epochs * (len(x) // batch_size)
+def optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+  """SGD (momentum 0.9, weight decay 1e-4), lr / 10 at 50% and at 75% of `steps`."""
   schedule = optax.piecewise_constant_schedule(lr, {int(0.5 * steps): 0.1,
                                                     int(0.75 * steps): 0.1})
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(schedule, momentum=0.9))
-  obj = _erm if alpha is None else _mixup
-  fit = common.fit(module, common.init(module, x, seed), obj, x, y_train, tx=tx, epochs=epochs,
-                   batch_size=batch_size, seed=seed, mix=None if alpha is None else (alpha, None),
-                   on_epoch=lambda e, v: {"test_error": common.error_rate(
-                       common.predict(module, v, xte), yte)})
-  pred = np.argmax(common.predict(module, fit.variables, x), -1)
+  return optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(schedule, momentum=0.9))
+
+
+def run_one(x, y_true, y_train, mask, xte, yte, *, dropout: float, alpha: Optional[float],
+            hidden: Sequence[int], epochs: int, batch_size: int,
+            tx: optax.GradientTransformation, seed: int, fast: bool = False) -> dict:
+  """Trains one method; returns test errors per epoch and final training errors."""
+  model = models.get_model("mlp", num_classes=10, hidden_sizes=tuple(hidden), dropout=dropout)
+  obj = (methods.get_objective("erm", num_classes=10) if alpha is None else
+         methods.get_objective("mixup", num_classes=10, alpha=alpha))
+  fit = training.fit(model, obj, x, y_train, tx=tx, epochs=epochs, batch_size=batch_size,
+                     seed=seed, test=(xte, yte), fast=fast)
+  pred = np.argmax(training.predict(model, fit.variables, x, fast=fast), -1)
   test = np.array([h["test_error"] for h in fit.history])
   return {"test": test, "best": float(test.min()), "last": float(test[-1]),
           "train_real": float(np.mean(pred[~mask] != y_true[~mask])) if (~mask).any() else 0.0,
           "train_corrupted": float(np.mean(pred[mask] != y_train[mask])) if mask.any() else 0.0}
-
-
-def _erm(lam):
-  return objectives.erm(num_classes=10)
-
-
-def _mixup(lam):
-  return objectives.mixup(common.fixed_policy(lam), num_classes=10)
 
 
 def _published(level: float, label: str) -> str:
@@ -116,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--epochs", type=int, default=None, help="default 200 (--quick: 4)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=0.1)
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   levels = args.levels or ([0.5] if args.quick else [0.2, 0.5, 0.8])
   for level in levels:
     if level not in SETTINGS:
@@ -124,16 +122,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   epochs = args.epochs or (4 if args.quick else 200)
   hidden = (64, 64) if args.quick else (512, 512)
 
-  x, y = common.digits_images()
+  x, y = data.digits_images()
   x = x.reshape(len(x), -1)
-  tr, te = common.split(y, 0.2, args.seed)
+  tr, te = data.split(y, 0.2, args.seed)
+  tx = optimizer(args.lr, epochs * (len(tr) // args.batch_size))
   results, rows = {}, []
   for level in levels:
     y_train, mask = corrupt_labels(y[tr], level, 10, args.seed)
     for label, dropout, alpha in SETTINGS[level]:
       r = run_one(x[tr], y[tr], y_train, mask, x[te], y[te], dropout=dropout, alpha=alpha,
-                  hidden=hidden, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed)
+                  hidden=hidden, epochs=epochs, batch_size=args.batch_size, tx=tx,
+                  seed=args.seed, fast=args.quick)
       results[level, label] = r
       rows.append([f"{100 * level:g}%", label, common.pct(r["best"], 1), common.pct(r["last"], 1),
                    common.pct(r["train_real"]), common.pct(r["train_corrupted"]),

@@ -14,15 +14,17 @@ Figure 5, differs from that formula, and `--formulations code` (the default) fol
 - the generator always takes the plain (ERM) step: it maximises the
   discriminator's cross-entropy on an unmixed pool;
 - the data: ring of radius 1, grid in [-1, 1]^2, standard deviation 0.01;
-- PyTorch's default initialisation of linear layers (`Net`).
+- PyTorch's default initialisation of linear layers (`networks`: the zoo's GAN nets
+  with `pytorch_init`).
 `--formulations paper` trains the formula above instead (same data). Both keep the
 min-max game as written (the generator maximises the discriminator's loss). As in
 the paper: fully connected nets with three hidden layers of 512 ReLU units, 2-D
 Gaussian noise, minibatches of 128, Adam with default parameters, five
 discriminator steps per generator step, samples after 10, 100, 1000, 10000 and
-20000 generator iterations. The table counts, per snapshot, the modes that hold at
-least 1% of 2000 generated samples within NEAR of their centre, and the fraction
-of such samples.
+20000 generator iterations. Every step is a `mixjax.train_step.train_step`; the
+discriminator's objective is `training.PartnerMixup` (ERM: lam = 1). The table
+counts, per snapshot, the modes that hold at least 1% of 2000 generated samples
+within NEAR of their centre, and the fraction of such samples.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ import numpy as np
 import optax
 
 from mixjax import losses
-from mixjax.experiments import _common as common
+from mixjax import models
+from mixjax import objectives
+from mixjax import policies
+from mixjax import train_step as train_step_lib
+from mixjax.experiments import common
+from mixjax.experiments import training
 
 NAME = "gan"
 STD = 0.01
 NEAR = 0.1      # a fifth of the grid spacing
 CRITIC_STEPS = 5
 FORMULATIONS = ("code", "paper")
+TX = optax.adam(1e-3)  # "Adam with default parameters"
 
 
 def centers(dataset: str) -> np.ndarray:
@@ -74,139 +82,143 @@ def mode_stats(samples: np.ndarray, modes: np.ndarray, min_share: float = 0.01):
   return int(np.sum(counts >= min_share * len(samples))), float(near.mean())
 
 
-_TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+def networks(hidden: int) -> tuple[nn.Module, nn.Module]:
+  """(generator, discriminator): the zoo's `gan_generator` and `gan_discriminator`, 3 x
+  `hidden` ReLU, initialised as PyTorch's nn.Linear, as in the released script."""
+  sizes = (hidden,) * 3
+  return (models.get_model("gan_generator", hidden_sizes=sizes, pytorch_init=True),
+          models.get_model("gan_discriminator", hidden_sizes=sizes, pytorch_init=True))
 
 
-class Net(nn.Module):
-  """3 x `hidden` ReLU MLP, f32[B, 2] -> f32[B, out], initialised as PyTorch's nn.Linear
-  (weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))), as in the released script."""
-  hidden: int
-  out: int
+def uniform_policy(alpha: float) -> policies.Policy:
+  """lam ~ Uniform(0, alpha) per example, for inputs and labels alike (the released script)."""
+  if not 0 < alpha <= 1:
+    raise ValueError(f"alpha is the upper end of Uniform(0, alpha) in the 'code' "
+                     f"formulation and must be in (0, 1], got {alpha!r}.")
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for i, width in enumerate((self.hidden,) * 3 + (self.out,)):
-      bound = 1.0 / np.sqrt(x.shape[-1])
-      x = nn.Dense(width, kernel_init=_TORCH_KERNEL_INIT,
-                   bias_init=lambda k, shape, dtype=jnp.float32, b=bound: jax.random.uniform(
-                       k, shape, dtype, -b, b))(x)
-      if i < 3:
-        x = nn.relu(x)
-    return x
+  def policy(key: jax.Array, batch_size: int) -> policies.Coefficients:
+    lam = jax.random.uniform(key, (int(batch_size),), maxval=alpha)
+    return policies.Coefficients(lam, lam)
+  return policy
 
 
-_TX = optax.adam(1e-3)  # "Adam with default parameters"
-_CHUNKS: dict = {}
-
-
-def make_chunk(hidden: int, batch: int, iters: int, mixup: Optional[str]):
-  """Jitted `(state, modes f32[25, 2], num_modes, key, lams) -> state`: `iters` generator
-  iterations, each after CRITIC_STEPS discriminator steps; `mixup` is None (ERM) or
-  one of FORMULATIONS (cached per configuration)."""
+def mixing_policy(mixup: Optional[str], alpha: float) -> policies.Policy:
+  """The discriminator's coefficients: Uniform(0, alpha) for 'code', Beta(alpha, alpha) for
+  'paper', ones (no mixing) for ERM (mixup=None)."""
   if mixup not in (None,) + FORMULATIONS:
     raise ValueError(f"mixup must be None or one of {FORMULATIONS}, got {mixup!r}.")
-  key = (hidden, batch, iters, mixup, common.fast_compile())
-  if key not in _CHUNKS:
-    _CHUNKS[key] = _make_chunk(Net(hidden, 2), Net(hidden, 1), _TX, batch, iters, mixup)
-  return _CHUNKS[key]
-
-
-def _make_chunk(gen, disc, tx, batch: int, iters: int, mixup: Optional[str]):
-  def bce(logits, target):
-    return jnp.mean(losses.sigmoid_cross_entropy(logits, target[:, None]))
-
-  def pool(gp, key, modes, num_modes):
-    """Real and fake samples f32[2B, 2], shuffled together, with labels 1 / 0 f32[2B]."""
-    k_x, k_z, k_perm = jax.random.split(key, 3)
-    data = jnp.concatenate([sample_data(k_x, modes, batch, num_modes),
-                            gen.apply(gp, jax.random.normal(k_z, (batch, 2)))])
-    labels = jnp.concatenate([jnp.ones(batch), jnp.zeros(batch)])
-    perm = jax.random.permutation(k_perm, 2 * batch)
-    return data[perm], labels[perm]
-
-  def d_loss(dp, gp, key, modes, num_modes, lam, kind):
-    """The discriminator's loss of formulation `kind` (lam f32[2B])."""
-    if kind == "paper":                        # d(lam x + (1 - lam) g(z)) -> lam
-      k_x, k_z = jax.random.split(key)
-      x = sample_data(k_x, modes, batch, num_modes)
-      fake = gen.apply(gp, jax.random.normal(k_z, (batch, 2)))
-      lam = lam[:batch]
-      return bce(disc.apply(dp, lam[:, None] * x + (1 - lam[:, None]) * fake), lam)
-    k1, k2 = jax.random.split(key)
-    data, labels = pool(gp, k1, modes, num_modes)
-    if kind == "code":                          # pool mixed with a second pool
-      data2, labels2 = pool(gp, k2, modes, num_modes)
-      data = lam[:, None] * data + (1 - lam[:, None]) * data2
-      labels = lam * labels + (1 - lam) * labels2
-    return bce(disc.apply(dp, data), labels)
-
-  g_kind = "paper" if mixup == "paper" else None   # the released code: ERM step for g
-
-  @common.jit
-  def chunk(state, modes, num_modes, key, lams):
-    def one_iter(state, inputs):
-      gp, dp, go, do = state
-      key, lam = inputs                                # lam: f32[CRITIC_STEPS + 1, 2B]
-      keys = jax.random.split(key, CRITIC_STEPS + 1)
-
-      def d_step(carry, k_l):
-        dp, do = carry
-        k, l = k_l
-        grads = jax.grad(d_loss)(dp, gp, k, modes, num_modes, l, mixup)
-        updates, do = tx.update(grads, do, dp)
-        return (optax.apply_updates(dp, updates), do), None
-
-      (dp, do), _ = jax.lax.scan(d_step, (dp, do), (keys[:-1], lam[:-1]))
-      g_loss = lambda p: -d_loss(dp, p, keys[-1], modes, num_modes, lam[-1], g_kind)  # noqa
-      updates, go = tx.update(jax.grad(g_loss)(gp), go, gp)
-      return (optax.apply_updates(gp, updates), dp, go, do), None
-
-    state, _ = jax.lax.scan(one_iter, state, (jax.random.split(key, iters), lams))
-    return state
-
-  return chunk
-
-
-def sample_lams(key: jax.Array, mixup: Optional[str], alpha: float, n: int) -> jax.Array:
-  """Mixing coefficients f32[n]: Uniform(0, alpha) for 'code', Beta(alpha, alpha) for
-  'paper', ones (unused) for ERM (mixup=None)."""
   if mixup == "code":
-    if not 0 < alpha <= 1:
-      raise ValueError(f"alpha is the upper end of Uniform(0, alpha) in the 'code' "
-                       f"formulation and must be in (0, 1], got {alpha!r}.")
-    return jax.random.uniform(key, (n,), maxval=alpha)
+    return uniform_policy(alpha)
   if mixup == "paper":
-    return common.sample_beta(key, alpha, None, n)
-  return jnp.ones(n)
+    return policies.mixup(alpha)
+  return policies.erm()
+
+
+def discriminator_batch(key: jax.Array, fakes: jax.Array, modes: jax.Array,
+                        num_modes: jax.Array, mixup: Optional[str]):
+  """The discriminator's `training.PartnerMixup` batch, with generated samples f32[k B, 2].
+
+  ERM (None): a pool of B real and B fake samples shuffled together, labelled
+  1 / 0, as its own partner (fakes: B). 'code': two such pools, example i of the
+  first mixed with example i of the second (fakes: 2 B). 'paper': B real samples,
+  each mixed with one fake, labels 1 and 0 (fakes: B).
+  Returns ((x_a, x_b) f32[N, 2], (t_a, t_b) f32[N, 1]).
+  """
+  def pool(key, fake):
+    k_x, k_perm = jax.random.split(key)
+    n = fake.shape[0]
+    x = jnp.concatenate([sample_data(k_x, modes, n, num_modes), fake])
+    t = jnp.concatenate([jnp.ones((n, 1)), jnp.zeros((n, 1))])
+    perm = jax.random.permutation(k_perm, 2 * n)
+    return x[perm], t[perm]
+
+  k1, k2 = jax.random.split(key)
+  if mixup == "paper":                       # d(lam x + (1 - lam) g(z)) -> lam
+    real = sample_data(k1, modes, fakes.shape[0], num_modes)
+    return (real, fakes), (jnp.ones((len(real), 1)), jnp.zeros((len(real), 1)))
+  if mixup == "code":                        # a pool mixed with a second pool
+    (xa, ta), (xb, tb) = pool(k1, fakes[0::2]), pool(k2, fakes[1::2])
+    return (xa, xb), (ta, tb)
+  x, t = pool(k1, fakes)
+  return (x, x), (t, t)
+
+
+def _chunk(state, modes, num_modes, key, *, gen, disc, batch: int, iters: int,
+           mixup: Optional[str], alpha: float):
+  """`iters` generator iterations, each after CRITIC_STEPS discriminator steps, all
+  `train_step`s; state = (generator TrainState, discriminator TrainState)."""
+  g_apply = objectives.make_apply(gen, train=True)
+  d_apply = objectives.make_apply(disc, train=True)
+  d_objective = training.PartnerMixup(mixing_policy(mixup, alpha), losses.sigmoid_cross_entropy)
+  g_kind = "paper" if mixup == "paper" else None  # The released script: ERM step for g.
+  g_target = training.PartnerMixup(mixing_policy(g_kind, alpha), losses.sigmoid_cross_entropy)
+  num_fakes = 2 * batch if mixup == "code" else batch
+
+  def one_iter(state, key):
+    g_state, d_state = state
+    g_vars = {"params": g_state.params}
+    keys = jax.random.split(key, CRITIC_STEPS + 1)
+
+    def d_step(d_state, key):
+      k_z, k_batch = jax.random.split(key)
+      fakes, _ = g_apply(g_vars, jax.random.normal(k_z, (num_fakes, 2)))
+      inputs, labels = discriminator_batch(k_batch, fakes, modes, num_modes, mixup)
+      d_state, _ = train_step_lib.train_step(d_state, {"inputs": inputs, "labels": labels},
+                                             objective=d_objective, apply=d_apply, tx=TX)
+      return d_state, None
+
+    d_state, _ = jax.lax.scan(d_step, d_state, keys[:-1])
+    d_vars = {"params": d_state.params}
+
+    def g_objective(apply, variables, inputs, labels, key):  # max_g of the discriminator's loss
+      del labels
+      k_batch, k_loss = jax.random.split(key)
+      fakes, _ = apply(variables, inputs)
+      d_inputs, d_labels = discriminator_batch(k_batch, fakes, modes, num_modes, g_kind)
+      d_loss, _ = g_target(d_apply, d_vars, d_inputs, d_labels, k_loss)
+      return -d_loss, ({}, {"loss": -d_loss})
+
+    z = jax.random.normal(keys[-1], (batch, 2))  # (No labels: g_objective makes its own.)
+    g_state, _ = train_step_lib.train_step(g_state, {"inputs": z, "labels": z},
+                                           objective=g_objective, apply=g_apply, tx=TX)
+    return (g_state, d_state), None
+
+  state, _ = jax.lax.scan(one_iter, state, jax.random.split(key, iters))
+  return state
+
+
+_STATIC = ("gen", "disc", "batch", "iters", "mixup", "alpha")
+# Immutable: the jitted chunk per compile mode (jit's cache keeps one per configuration).
+_CHUNK = {fast: jax.jit(_chunk, static_argnames=_STATIC, **opts)
+          for fast, opts in ((False, {}), (True, {"compiler_options": training.FAST_COMPILE}))}
 
 
 def train(dataset: str, mixup: Optional[str], *, alpha: float, hidden: int,
           snapshots: Sequence[int], seed: int, batch: int = 128, num_samples: int = 2000,
-          chunk_iters: int = 10) -> dict:
+          chunk_iters: int = 10, fast: bool = False) -> dict:
   """Trains one GAN (mixup: None for ERM, or one of FORMULATIONS); returns generated
-  samples f32[num_samples, 2] at each snapshot."""
+  samples f32[num_samples, 2] at each snapshot (`fast`: unoptimised compilation)."""
+  mixing_policy(mixup, alpha)  # Validates mixup and alpha.
   if any(s % chunk_iters for s in snapshots):
     raise ValueError(f"snapshots must be multiples of {chunk_iters}, got {list(snapshots)}.")
-  gen, disc = Net(hidden, 2), Net(hidden, 1)
-  key = jax.random.key(seed)
-  k_g, k_d, k_z, key = jax.random.split(key, 4)
-  gp = gen.init(k_g, jnp.zeros((1, 2)))
-  dp = disc.init(k_d, jnp.zeros((1, 2)))
-  state = (gp, dp, _TX.init(gp), _TX.init(dp))
+  gen, disc = networks(hidden)
+  k_g, k_d, k_gs, k_ds, k_z, key = jax.random.split(jax.random.key(seed), 6)
+  state = tuple(train_step_lib.create_train_state(
+      train_step_lib.init_variables(net, k, jnp.zeros((1, 2))), TX, k_state, ema=False)
+      for net, k, k_state in ((gen, k_g, k_gs), (disc, k_d, k_ds)))
   c = centers(dataset)
   modes = jnp.zeros((25, 2)).at[:len(c)].set(c)  # One shape for both datasets: one compile.
   num_modes = jnp.int32(len(c))
-  chunk = make_chunk(hidden, batch, chunk_iters, mixup)
+  chunk = _CHUNK[bool(fast)]
   z_eval = jax.random.normal(k_z, (num_samples, 2))
   out, done = {}, 0
   for target in sorted(snapshots):
     while done < target:
-      key, k_run, k_lam = jax.random.split(key, 3)
-      lams = sample_lams(k_lam, mixup, alpha, chunk_iters * (CRITIC_STEPS + 1) * 2 * batch)
-      lams = lams.reshape(chunk_iters, CRITIC_STEPS + 1, 2 * batch)
-      state = chunk(state, modes, num_modes, k_run, lams)
+      key, k_run = jax.random.split(key)
+      state = chunk(state, modes, num_modes, k_run, gen=gen, disc=disc, batch=batch,
+                    iters=chunk_iters, mixup=mixup, alpha=float(alpha))
       done += chunk_iters
-    out[target] = np.asarray(gen.apply(state[0], z_eval))
+    out[target] = np.asarray(gen.apply({"params": state[0].params}, z_eval))
   return out
 
 
@@ -221,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       default=None, help="generator iterations to plot "
                       "(default 10,100,1000,10000,20000; --quick: 10,50)")
   parser.add_argument("--hidden", type=int, default=None, help="width (default 512; quick 64)")
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   unknown = [f for f in args.formulations if f not in FORMULATIONS]
   if unknown:
     parser.error(f"unknown formulations {unknown}; choose from {list(FORMULATIONS)}")
@@ -234,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   for d in datasets:
     for m, f in methods.items():
       runs[d, m] = train(d, f, alpha=args.alpha, hidden=hidden, snapshots=snapshots,
-                         seed=args.seed)
+                         seed=args.seed, fast=args.quick)
       print(f"[{d}, {m}: trained]", flush=True)
 
   rows = []

@@ -6,7 +6,8 @@ pairs of training examples (i, j) and lam on a grid of [0, 1]:
 (a) prediction misses: the predicted class is neither y_i nor y_j;
 (b) the norm of the gradient, with respect to the input, of the
     cross-entropy against the mixed target `lam y_i + (1 - lam) y_j`.
-Model: a small ResNet on scikit-learn's 8x8 digits (the paper: CIFAR-10).
+Model: the zoo's small pre-activation ResNet (`preact_resnet_small`) on
+scikit-learn's 8x8 digits (the paper: CIFAR-10).
 """
 
 from __future__ import annotations
@@ -19,20 +20,24 @@ import numpy as np
 import optax
 
 from mixjax import losses
-from mixjax import objectives
-from mixjax.experiments import _common as common
+from mixjax import methods
+from mixjax import models
+from mixjax.experiments import common
+from mixjax.experiments import data
+from mixjax.experiments import training
 
 NAME = "inbetween"
 
 
 def inbetween_stats(apply_fn: Callable[[jax.Array], jax.Array], x: np.ndarray, y: np.ndarray,
                     pairs: np.ndarray, lams: np.ndarray, num_classes: int,
-                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int = 512, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Miss rate and mean input-gradient norm at `lam x_i + (1-lam) x_j`.
 
   Args:
     apply_fn: batched eval-mode model `x -> logits f[B, C]`.
     x: inputs f[N, ...]; y: int labels [N]; pairs: int[P, 2] (i, j); lams: f[L].
+    fast: compile with XLA's backend optimisations off (`common.jit`).
   Returns:
     (misses f64[L]: fraction of pairs whose prediction is not in {y_i, y_j},
      grad_norm f64[L]: mean over pairs of |d/dx xent(f(x), lam y_i + (1-lam) y_j)|_2).
@@ -48,7 +53,7 @@ def inbetween_stats(apply_fn: Callable[[jax.Array], jax.Array], x: np.ndarray, y
     norm = jnp.sqrt(jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), -1))
     return jnp.sum(miss), jnp.sum(norm)
 
-  fn = common.jit(per_lam)
+  fn = common.jit(per_lam, fast=fast)
   misses, norms = np.zeros(len(lams)), np.zeros(len(lams))
   for start in range(0, len(pairs), batch_size):
     p = pairs[start:start + batch_size]
@@ -65,28 +70,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--alpha", type=float, default=1.0, help="mixup Beta(alpha, alpha)")
   parser.add_argument("--epochs", type=int, default=None, help="default 30 (--quick: 3)")
   parser.add_argument("--pairs", type=int, default=None, help="default 2000 (--quick: 200)")
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   quick = args.quick
   epochs = args.epochs or (3 if quick else 30)
   num_pairs = args.pairs or (200 if quick else 2000)
 
-  x, y = common.digits_images()
-  tr, te = common.split(y, 0.2, args.seed)
-  module = common.ResNet(width=32, num_classes=10, conv=not quick)
+  x, y = data.digits_images()
+  tr, te = data.split(y, 0.2, args.seed)
+  model = models.get_model("preact_resnet_small", num_classes=10, width=32, conv=not quick)
   tx = optax.adam(2e-3)
-  objs = {"ERM": (lambda lam: objectives.erm(num_classes=10), None),
-          "mixup": (lambda lam: objectives.mixup(common.fixed_policy(lam), num_classes=10),
-                    (args.alpha, None))}
+  objs = {"ERM": methods.get_objective("erm", num_classes=10),
+          "mixup": methods.get_objective("mixup", num_classes=10, alpha=args.alpha)}
   rng = np.random.default_rng(args.seed)
   pairs = rng.integers(0, len(tr), size=(num_pairs, 2))
   lams = np.linspace(0.0, 1.0, 11 if quick else 21)
   stats, clean = {}, {}
-  for name, (obj, mix) in objs.items():
-    fit = common.fit(module, common.init(module, x[tr], args.seed), obj, x[tr], y[tr], tx=tx,
-                     epochs=epochs, batch_size=64, seed=args.seed, mix=mix)
-    fn = common.predictor(module, fit.variables)
-    stats[name] = inbetween_stats(fn, x[tr], y[tr], pairs, lams, 10)
-    clean[name] = common.error_rate(common.predict(module, fit.variables, x[te]), y[te])
+  for name, obj in objs.items():
+    fit = training.fit(model, obj, x[tr], y[tr], tx=tx, epochs=epochs, batch_size=64,
+                       seed=args.seed, test=(x[te], y[te]), fast=quick)
+    fn = training.predictor(model, fit.variables)
+    stats[name] = inbetween_stats(fn, x[tr], y[tr], pairs, lams, 10, fast=quick)
+    clean[name] = fit.history[-1]["test_error"]
 
   plt = common.pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))

@@ -7,8 +7,9 @@ ERM model are shown to the second ERM model and to the mixup model. Attacks:
 FGSM and I-FGSM (10 steps of eps/10), l_inf (or l2 with --norm l2), inputs
 clipped to the valid range. Also: white-box FGSM error as a function of eps.
 
-By default the models are small ResNets trained on scikit-learn's 8x8 digits
-(inputs in [0, 1]). `--checkpoint NAME=WORKDIR` (repeatable) evaluates runs of
+By default the models are the zoo's small pre-activation ResNet
+(`preact_resnet_small`) trained on scikit-learn's 8x8 digits (inputs in
+[0, 1]). `--checkpoint NAME=WORKDIR` (repeatable) evaluates runs of
 `train.py` instead (the model is rebuilt from the config saved with the
 checkpoint through `mixjax.models.get_model`; the data from its eval split;
 the valid range is the range of those inputs): the first is the black-box
@@ -26,8 +27,11 @@ import numpy as np
 import optax
 
 from mixjax import attacks
-from mixjax import objectives
-from mixjax.experiments import _common as common
+from mixjax import methods
+from mixjax import models
+from mixjax.experiments import common
+from mixjax.experiments import data
+from mixjax.experiments import training
 
 NAME = "robustness"
 ApplyFn = Callable[[jax.Array], jax.Array]
@@ -35,22 +39,20 @@ ApplyFn = Callable[[jax.Array], jax.Array]
 
 def train_models(args, quick: bool) -> tuple[dict[str, ApplyFn], np.ndarray, np.ndarray]:
   """{'ERM', 'ERM (2nd)', 'mixup'} apply functions trained on digits, and the test set."""
-  x, y = common.digits_images()
-  tr, te = common.split(y, 0.2, args.seed)
-  module = common.ResNet(width=32, num_classes=10, conv=not quick)
+  x, y = data.digits_images()
+  tr, te = data.split(y, 0.2, args.seed)
+  model = models.get_model("preact_resnet_small", num_classes=10, width=32, conv=not quick)
   epochs = args.epochs or (3 if quick else 30)
   tx = optax.adam(2e-3)
-  runs = {"ERM": (objectives.erm(num_classes=10), args.seed, None),
-          "ERM (2nd)": (objectives.erm(num_classes=10), args.seed + 1, None),
-          "mixup": (None, args.seed, (args.alpha, None))}
-  erm_fn = lambda lam: runs["ERM"][0]  # noqa: E731
-  mix_fn = lambda lam: objectives.mixup(common.fixed_policy(lam), num_classes=10)  # noqa: E731
-  models = {}
-  for name, (_, seed, mix) in runs.items():
-    fit = common.fit(module, common.init(module, x[tr], seed), mix_fn if mix else erm_fn,
-                     x[tr], y[tr], tx=tx, epochs=epochs, batch_size=64, seed=seed, mix=mix)
-    models[name] = common.predictor(module, fit.variables)
-  return models, x[te], y[te]
+  erm = methods.get_objective("erm", num_classes=10)
+  runs = {"ERM": (erm, args.seed), "ERM (2nd)": (erm, args.seed + 1),
+          "mixup": (methods.get_objective("mixup", num_classes=10, alpha=args.alpha), args.seed)}
+  out = {}
+  for name, (objective, seed) in runs.items():
+    fit = training.fit(model, objective, x[tr], y[tr], tx=tx, epochs=epochs, batch_size=64,
+                       seed=seed, fast=quick)
+    out[name] = training.predictor(model, fit.variables)
+  return out, x[te], y[te]
 
 
 def load_run(workdir: str, module: Any = None, ema: bool = False):
@@ -74,7 +76,6 @@ def load_run(workdir: str, module: Any = None, ema: bool = False):
   model_state = state["ema_model_state"] if ema and state.get("ema_params") else state.get(
       "model_state", {})
   if module is None:
-    from mixjax import models
     kwargs = dict(config.model.kwargs)
     classes = config.mix.cosine_dim if config.mix.loss == "cosine" else config.dataset.num_classes
     module = models.get_model(config.model.name, num_classes=classes, **kwargs)
@@ -85,15 +86,15 @@ def load_run(workdir: str, module: Any = None, ema: bool = False):
 def load_runs(specs: Sequence[str], ema: bool, max_examples: Optional[int]):
   """Models and eval data for `NAME=WORKDIR` specs (see the module docstring)."""
   from mixjax import input_pipeline
-  models, config = {}, None
+  nets, config = {}, None
   for spec in specs:
     name, sep, workdir = spec.partition("=")
     if not sep or not name or not workdir:
       raise ValueError(f"--checkpoint takes NAME=WORKDIR, got {spec!r}.")
-    models[name], config = load_run(workdir, ema=ema)
-  data = input_pipeline.load_arrays(config.dataset, seed=config.seed)["eval"]
-  x, y = data.get(np.arange(min(len(data), max_examples or len(data))))
-  return models, np.asarray(x, np.float32), np.asarray(y, np.int32)
+    nets[name], config = load_run(workdir, ema=ema)
+  evals = input_pipeline.load_arrays(config.dataset, seed=config.seed)["eval"]
+  x, y = evals.get(np.arange(min(len(evals), max_examples or len(evals))))
+  return nets, np.asarray(x, np.float32), np.asarray(y, np.int32)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -108,16 +109,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="NAME=WORKDIR of a train.py run (repeat; first = black-box source)")
   parser.add_argument("--ema", action="store_true", help="use the checkpoints' EMA weights")
   parser.add_argument("--max_examples", type=int, default=None)
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   eps = args.eps if args.eps is not None else (0.05 if args.norm == "linf" else 0.5)
 
   if args.checkpoint:
-    models, x, y = load_runs(args.checkpoint, args.ema, args.max_examples)
+    nets, x, y = load_runs(args.checkpoint, args.ema, args.max_examples)
     clip = (float(x.min()), float(x.max()))
-    names = list(models)
+    names = list(nets)
     source, white_names, black_names = names[0], names, names[1:]
   else:
-    models, x, y = train_models(args, args.quick)
+    nets, x, y = train_models(args, args.quick)
     if args.max_examples:
       x, y = x[:args.max_examples], y[:args.max_examples]
     clip = (0.0, 1.0)
@@ -128,9 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   white = {label: {} for label in kinds}
   for label, method in kinds.items():
     for name in white_names:
-      white[label].update(attacks.evaluate(models[name], {name: models[name]}, x, y,
+      white[label].update(attacks.evaluate(nets[name], {name: nets[name]}, x, y,
                                            make(method, eps)))
-  black = {label: attacks.evaluate(models[source], {n: models[n] for n in black_names}, x, y,
+  black = {label: attacks.evaluate(nets[source], {n: nets[n] for n in black_names}, x, y,
                                    make(method, eps))
            for label, method in kinds.items()} if black_names else {}
   tables = attacks.table3(white, black)
@@ -140,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 [[n, common.pct(e, 1)] for n, e in clean_errors.items()])
 
   grid = eps * np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
-  curves = {n: [attacks.evaluate(models[n], {n: models[n]}, x, y, make("fgsm", e))[n].top1
+  curves = {n: [attacks.evaluate(nets[n], {n: nets[n]}, x, y, make("fgsm", e))[n].top1
                 for e in grid] for n in white_names}
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(4.4, 3.2))

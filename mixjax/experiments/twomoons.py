@@ -1,12 +1,14 @@
 """The mixup loss and its quadratic approximation along training (Zhang et al. 2021, Fig. 2).
 
 Logistic regression (f = x^T theta, no bias: the setting of Theorem 3.1) and a
-2-layer ReLU net are trained on scikit-learn's two moons (standardised), from
-the same initialisation, once on the mixup loss of Eq. (1) and once on its
-quadratic approximation L~_mix = L_std + R1 + R2 + R3 (Lemma 3.1). Both are
-full-batch and deterministic: the mixup loss sums all n^2 pairs with
-Gauss-Jacobi quadrature over lam (`theory.mixup_loss_exact`), the
-approximation uses nested JVPs (`theory.quadratic_terms`). As in the paper,
+2-layer ReLU net (the zoo's `mlp` with one hidden layer and one logit) are
+trained on scikit-learn's two moons (standardised), from the same
+initialisation, once on the mixup loss of Eq. (1) and once on its quadratic
+approximation L~_mix = L_std + R1 + R2 + R3 (Lemma 3.1), by
+`mixjax.train_step.train_step` with full-batch Adam. Both are deterministic:
+the mixup loss sums all n^2 pairs with Gauss-Jacobi quadrature over lam
+(`theory.mixup_loss_exact`), the approximation uses nested JVPs
+(`theory.quadratic_terms`). As in the paper,
 each model's train and test losses are computed with its own loss; the
 largest relative gap between the two curves is printed. Also reported: both
 losses at the same parameters (the mixup-trained ones), the second-order
@@ -17,6 +19,7 @@ R = min_i |cos(theta, x_i)| along training for logistic regression (Fig. 3).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -25,8 +28,12 @@ import numpy as np
 import optax
 
 from mixjax import attacks
+from mixjax import models
+from mixjax import objectives
 from mixjax import theory
-from mixjax.experiments import _common as common
+from mixjax import train_step as train_step_lib
+from mixjax.experiments import common
+from mixjax.experiments import data
 
 NAME = "twomoons"
 
@@ -44,11 +51,21 @@ def logistic_model(key: jax.Array, d: int = 2):
 
 
 def relu_net(key: jax.Array, hidden: int, d: int = 2):
-  """f(x) = w2^T relu(W1 x + b1) + b2 (one logit). Returns (apply, params)."""
-  k1, k2 = jax.random.split(key)
-  params = {"w1": jax.random.normal(k1, (d, hidden)) / np.sqrt(d), "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k2, (hidden,)) / np.sqrt(hidden), "b2": jnp.zeros(())}
-  return (lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
+  """f(x) = w2^T relu(W1 x + b1) + b2 (one logit): the zoo's `mlp` with one hidden layer of
+  `hidden` units and one output. Returns (apply(params, x) -> f[B], params)."""
+  model = models.get_model("mlp", num_classes=1, hidden_sizes=(hidden,))
+  params = train_step_lib.init_variables(model, key, jnp.zeros((1, d)))["params"]
+  return (lambda p, x: model.apply({"params": p}, x)[:, 0]), params
+
+
+def loss_objective(loss: Callable) -> objectives.Objective:
+  """An objective (for `train_step`) of a full-batch loss `loss(fn, x, y) -> f32[]` of the
+  model `fn: x -> f[B]` (one logit per example)."""
+  def objective(apply, variables, inputs, labels, key):
+    del key
+    value = loss(lambda v: apply(variables, v)[0], inputs, labels)
+    return value, ({}, {"loss": value})
+  return objective
 
 
 def adversarial_loss(fn: Callable, x: np.ndarray, y: np.ndarray, radius: float,
@@ -62,26 +79,35 @@ def adversarial_loss(fn: Callable, x: np.ndarray, y: np.ndarray, radius: float,
 
 
 def train_pair(apply, params0, data, *, alpha: float, beta: Optional[float], steps: int,
-               lr: float, eval_every: int, num_nodes: int, logistic: bool) -> dict:
+               lr: float, eval_every: int, num_nodes: int, logistic: bool,
+               fast: bool = False) -> dict:
   """Trains from params0 on the mixup loss (A) and on its approximation (B)."""
   xtr, ytr, xte, yte = data
 
+  def mix_loss(f, x, y):
+    return theory.mixup_loss_exact(f, "logistic", x, y, alpha, beta, num_nodes=num_nodes)
+
+  def approx_loss(f, x, y):
+    return theory.approximate_mixup_loss(f, "logistic", x, y, alpha, beta)
+
   def mix(p, x, y):
-    return theory.mixup_loss_exact(lambda v: apply(p, v), "logistic", x, y, alpha, beta,
-                                   num_nodes=num_nodes)
+    return mix_loss(lambda v: apply(p, v), x, y)
 
   def approx(p, x, y):
-    return theory.approximate_mixup_loss(lambda v: apply(p, v), "logistic", x, y, alpha, beta)
+    return approx_loss(lambda v: apply(p, v), x, y)
 
   tx = optax.adam(lr)
+  batch = {"inputs": jnp.asarray(xtr), "labels": jnp.asarray(ytr)}
+  step_kw = dict(apply=objectives.make_apply_fn(apply), tx=tx)
 
-  @common.jit
-  def step(pa, oa, pb, ob):  # A descends the mixup loss, B its approximation.
-    ua, oa = tx.update(jax.grad(mix)(pa, xtr, ytr), oa, pa)
-    ub, ob = tx.update(jax.grad(approx)(pb, xtr, ytr), ob, pb)
-    return optax.apply_updates(pa, ua), oa, optax.apply_updates(pb, ub), ob
+  @functools.partial(common.jit, fast=fast)
+  def step(sa, sb):  # A descends the mixup loss, B its approximation.
+    sa, _ = train_step_lib.train_step(sa, batch, objective=loss_objective(mix_loss), **step_kw)
+    sb, _ = train_step_lib.train_step(sb, batch, objective=loss_objective(approx_loss),
+                                      **step_kw)
+    return sa, sb
 
-  @common.jit
+  @functools.partial(common.jit, fast=fast)
   def evaluate(pa, pb):
     out = {}
     for split, (x, y) in (("train", (xtr, ytr)), ("test", (xte, yte))):
@@ -92,19 +118,19 @@ def train_pair(apply, params0, data, *, alpha: float, beta: Optional[float], ste
       out["cos_min"] = theory.mixup_radius(pa["w"], xtr, alpha, beta).cos_min
     return out
 
-  pa, pb = params0, params0
-  oa, ob = tx.init(pa), tx.init(pb)
+  sa = sb = train_step_lib.create_train_state({"params": params0}, tx, jax.random.key(0),
+                                             ema=False)
   rec = {k: [] for k in ("step", "mix_train", "mix_test", "approx_train", "approx_test",
                          "approx_at_a_train", "approx_at_a_test", "cos_min")}
   for t in range(steps + 1):
     if t % eval_every == 0 or t == steps:
       rec["step"].append(t)
-      for k, v in evaluate(pa, pb).items():
+      for k, v in evaluate(sa.params, sb.params).items():
         rec[k].append(float(v))
     if t < steps:
-      pa, oa, pb, ob = step(pa, oa, pb, ob)
+      sa, sb = step(sa, sb)
   rec = {k: np.asarray(v) for k, v in rec.items()}
-  rec["params_a"], rec["params_b"] = pa, pb
+  rec["params_a"], rec["params_b"] = sa.params, sb.params
   return rec
 
 
@@ -123,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--lr", type=float, default=0.02)
   parser.add_argument("--hidden", type=int, default=32, help="ReLU net width")
   parser.add_argument("--radius", type=float, default=0.5, help="l2 attack size eps*sqrt(d)")
-  args = common.parse(parser, argv)
+  args = parser.parse_args(argv)
   n = args.n or (40 if args.quick else 200)
   steps = args.steps or (30 if args.quick else 300)
   num_nodes = 12 if args.quick else 24
@@ -131,16 +157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   xtr, ytr = two_moons(n, args.noise, args.seed)
   xte, yte = two_moons(n, args.noise, args.seed + 1)
-  xtr, xte = common.standardize(xtr, xte)
-  data = (xtr, ytr, xte, yte)
+  xtr, xte = data.standardize(xtr, xte)
+  splits = (xtr, ytr, xte, yte)
   k_log, k_net = jax.random.split(jax.random.key(args.seed))
   models = {"Logistic regression": logistic_model(k_log),
             f"Two-layer ReLU net ({args.hidden})": relu_net(k_net, args.hidden)}
   records = {}
   for name, (apply, p0) in models.items():
-    records[name] = train_pair(apply, p0, data, alpha=args.alpha, beta=args.beta, steps=steps,
-                               lr=args.lr, eval_every=eval_every, num_nodes=num_nodes,
-                               logistic=name.startswith("Logistic"))
+    records[name] = train_pair(apply, p0, splits, alpha=args.alpha, beta=args.beta,
+                               steps=steps, lr=args.lr, eval_every=eval_every,
+                               num_nodes=num_nodes, logistic=name.startswith("Logistic"),
+                               fast=args.quick)
 
   rows, adv_rows, gaps = [], [], {}
   for name, (apply, _) in models.items():

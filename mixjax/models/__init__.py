@@ -29,7 +29,7 @@ from mixjax.models.coatnet import CoAtNet
 from mixjax.models.digits import DigitsCNN
 from mixjax.models.layers import Point
 from mixjax.models.mlp import MLP, GanDiscriminator, GanGenerator
-from mixjax.models.preact_resnet import PreActResNet
+from mixjax.models.preact_resnet import PreActResNet, SmallPreActResNet
 from mixjax.models.resnet import ResNet
 from mixjax.models.speech import VGG, LeNet
 from mixjax.models.text import BiLSTMAttention, KimCNN
@@ -62,6 +62,9 @@ for _d in (18, 34, 50, 101):
   _REGISTRY[f"preact_resnet{_d}"] = ModelSpec(
       functools.partial(preact_resnet.preact_resnet, _d), _CIFAR,
       description=f"PreActResNet-{_d} (CIFAR stem)")
+_REGISTRY["preact_resnet_small"] = ModelSpec(
+    SmallPreActResNet, (8, 8, 1),
+    description="small pre-activation ResNet, 4 one-block stages, no BN (conv or dense)")
 _REGISTRY["wrn28_10"] = ModelSpec(functools.partial(WideResNet, depth=28, widen_factor=10),
                                   _CIFAR, description="Wide ResNet 28-10")
 _REGISTRY["wrn16_8"] = ModelSpec(functools.partial(WideResNet, depth=16, widen_factor=8),
@@ -114,6 +117,7 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "BiLSTMAttention", "CoAtNet", "DigitsCNN", "GanDiscriminator", "GanGenerator", "KimCNN",
-    "LeNet", "MLP", "ModelSpec", "Point", "PreActResNet", "ResNet", "VGG", "ViT", "WideResNet",
+    "LeNet", "MLP", "ModelSpec", "Point", "PreActResNet", "ResNet", "SmallPreActResNet", "VGG",
+    "ViT", "WideResNet",
     "get_model", "list_models", "model_spec",
 ]

@@ -7,6 +7,11 @@ a dense head. PreActResNet-18 at 10 classes has 11,172,170 parameters: the
 11,171,146 of the reference CIFAR code without the final BN, plus that BN's
 1,024 (He et al.'s design has it). Mixing points: 'input', 'stage1' ...
 'stage4', 'pre_logits'.
+
+`SmallPreActResNet` is a narrow one-block-per-stage variant without batch
+norm, at the size of scikit-learn's 8x8 digits, whose stem is a mixing point
+too: the mixup paper's ablation mixes "at Layer k", before residual block k
+(k = 1..4) or before the classifier (k = 5).
 """
 
 from __future__ import annotations
@@ -134,6 +139,81 @@ class PreActResNet(nn.Module):
                       name=f"stage{i + 1}")(x, train)
     x = nn.relu(norm(use_running_average=not train, name="final_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
+    x = layers.Point(name="pre_logits")(x)
+    return layers.output_head(x, num_classes=self.num_classes, head=self.head,
+                              embed_dim=self.embed_dim, dtype=self.dtype)
+
+
+class SmallPreActBlock(nn.Module):
+  """x + layer(relu(layer(relu(x)))), layer a 3x3 conv ('conv1', 'conv2') or a dense layer
+  ('dense1', 'dense2') of `features` outputs (no batch norm)."""
+  features: int
+  conv: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    def layer(name):
+      if self.conv:
+        return nn.Conv(self.features, (3, 3), dtype=self.dtype, name=name)
+      return nn.Dense(self.features, dtype=self.dtype, name=name)
+    kind = "conv" if self.conv else "dense"
+    y = layer(f"{kind}1")(nn.relu(x))
+    y = layer(f"{kind}2")(nn.relu(y))
+    return x + y
+
+
+class SmallPreActResNet(nn.Module):
+  """A small pre-activation ResNet: 'stem', `num_blocks` residual stages of one block, head.
+
+  conv=True: images f[B, H, W, C] -> 3x3 conv stem and blocks of `width`
+  channels, ReLU, global average pooling. conv=False: inputs f[B, ...] are
+  flattened, the stem and the blocks are dense layers of `width` units (XLA's
+  CPU convolutions are slow), then ReLU. Then a dense 'head': f[B,
+  num_classes] logits (or unit vectors with head='cosine'). No batch norm.
+  Mixing points: 'input', 'stem', 'stage1' ... 'stage{num_blocks}',
+  'pre_logits'; mixing at 'stem' is "before residual block 1" and at
+  'stage{k}' "before block k + 1" (the last: before the final ReLU and the
+  classifier).
+  """
+  num_classes: int = 10
+  width: int = 32
+  num_blocks: int = 4
+  conv: bool = True
+  dtype: Any = jnp.float32
+  head: str = "logits"
+  embed_dim: Optional[int] = None
+
+  def __post_init__(self):
+    layers.check_common(self)
+    if int(self.width) < 1 or int(self.num_blocks) < 1:
+      raise ValueError(f"SmallPreActResNet: width and num_blocks must be positive integers, "
+                       f"got width={self.width!r}, num_blocks={self.num_blocks!r}.")
+    super().__post_init__()
+
+  @property
+  def mixing_points(self) -> tuple[str, ...]:
+    """'input', 'stem', 'stage1' ... 'stage{num_blocks}', 'pre_logits'."""
+    return ("input", "stem") + tuple(f"stage{k + 1}" for k in range(self.num_blocks)) + (
+        "pre_logits",)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    if self.conv:
+      layers.check_images(x, "SmallPreActResNet")
+    else:
+      layers.check_vectors(x, "SmallPreActResNet")
+    x = layers.Point(name="input")(x)
+    if self.conv:
+      x = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="stem")(x)
+    else:
+      x = nn.Dense(self.width, dtype=self.dtype, name="stem")(x.reshape(x.shape[0], -1))
+    for k in range(self.num_blocks):
+      x = SmallPreActBlock(self.width, self.conv, self.dtype, name=f"stage{k + 1}")(x)
+    x = nn.relu(x)
+    if self.conv:
+      x = jnp.mean(x, axis=(1, 2))
     x = layers.Point(name="pre_logits")(x)
     return layers.output_head(x, num_classes=self.num_classes, head=self.head,
                               embed_dim=self.embed_dim, dtype=self.dtype)
