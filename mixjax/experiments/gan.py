@@ -39,7 +39,7 @@ import optax
 
 from mixjax import losses
 from mixjax import models
-from mixjax import objectives
+from mixjax import adapters
 from mixjax import policies
 from mixjax import train_step as train_step_lib
 from mixjax.experiments import common
@@ -147,8 +147,8 @@ def _chunk(state, modes, num_modes, key, *, gen, disc, batch: int, iters: int,
            mixup: Optional[str], alpha: float):
   """`iters` generator iterations, each after CRITIC_STEPS discriminator steps, all
   `train_step`s; state = (generator TrainState, discriminator TrainState)."""
-  g_apply = objectives.make_apply(gen, train=True)
-  d_apply = objectives.make_apply(disc, train=True)
+  g_apply = adapters.make_apply(gen, train=True)
+  d_apply = adapters.make_apply(disc, train=True)
   d_objective = training.PartnerMixup(mixing_policy(mixup, alpha), losses.sigmoid_cross_entropy)
   g_kind = "paper" if mixup == "paper" else None  # The released script: ERM step for g.
   g_target = training.PartnerMixup(mixing_policy(g_kind, alpha), losses.sigmoid_cross_entropy)

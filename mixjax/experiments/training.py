@@ -24,6 +24,7 @@ import optax
 
 from mixjax import losses as losses_lib
 from mixjax import mixing
+from mixjax import adapters
 from mixjax import objectives
 from mixjax import policies
 from mixjax import train_step as train_step_lib
@@ -78,7 +79,7 @@ class Fit:
 
 
 def _epoch(state, data, idx, key, test, *, model, objective, tx, fetch, num_classes):
-  apply = objectives.make_apply(model, train=True)
+  apply = adapters.make_apply(model, train=True)
 
   def step(state, idx):
     inputs, labels = fetch(data, idx, jax.random.fold_in(key, state.step))
@@ -91,7 +92,7 @@ def _epoch(state, data, idx, key, test, *, model, objective, tx, fetch, num_clas
   if test is not None:
     sums = train_step_lib.eval_step({"params": state.params, **state.model_state},
                                     {"inputs": test[0], "labels": test[1]},
-                                    apply=objectives.make_apply(model, train=False),
+                                    apply=adapters.make_apply(model, train=False),
                                     num_classes=num_classes)
     out["test_error"] = 1.0 - sums["top1"] / sums["count"]
   return state, out

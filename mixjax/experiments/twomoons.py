@@ -29,6 +29,7 @@ import optax
 
 from mixjax import attacks
 from mixjax import models
+from mixjax import adapters
 from mixjax import objectives
 from mixjax import theory
 from mixjax import train_step as train_step_lib
@@ -98,7 +99,7 @@ def train_pair(apply, params0, data, *, alpha: float, beta: Optional[float], ste
 
   tx = optax.adam(lr)
   batch = {"inputs": jnp.asarray(xtr), "labels": jnp.asarray(ytr)}
-  step_kw = dict(apply=objectives.make_apply_fn(apply), tx=tx)
+  step_kw = dict(apply=adapters.make_apply_fn(apply), tx=tx)
 
   @functools.partial(common.jit, fast=fast)
   def step(sa, sb):  # A descends the mixup loss, B its approximation.
