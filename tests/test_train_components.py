@@ -56,7 +56,7 @@ def test_validate_rejects_bad_values():
     with pytest.raises(ValueError, match=match):
       cu.validate(c)
   bad("mixupp", method="mixupp")
-  bad("need a mixing base", method="erm+amp")
+  bad("needs a mixing base", method="erm+amp")
   bad("optimizer.name", **{"optimizer.name": "lamb"})
   bad("dataset.name", **{"dataset.name": "cifar"})
   bad("tfds_name", **{"dataset.name": "tfds"})
