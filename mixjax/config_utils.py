@@ -7,7 +7,15 @@ values. Every recipe starts from `base_config()`, the full schema: after
 loading, `--config.a.b=value` overrides may change existing fields only (new
 keys are allowed only under `model.kwargs`, the model's own arguments, which
 the model constructor checks), and `validate` checks values, so a mistyped
-key or value fails before anything is compiled.
+key or value fails before anything is compiled. Allowed methods, pairings,
+losses, AMP modes and MixupE options come from the library's registries
+(`methods.parse`, `pairing.get_pairing`, `methods.LOSSES`, `amp.MODES`,
+`mixupe.CLEAN_PASSES`, `mixupe.BATCH_STATS`).
+
+The overrides are parsed here rather than by `ml_collections.config_flags`,
+which cannot override a field whose default is None (`mix.beta`,
+`mix.point`, `dataset.data_dir`), and can add new keys either everywhere or
+nowhere (here: only under `model.kwargs`).
 """
 
 from __future__ import annotations
