@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixjax import checkpointing
 from mixjax import config_utils
 from mixjax import from_config
 from mixjax import input_pipeline
-from mixjax import methods
 from mixjax import metrics_writer
 from mixjax import objectives as objectives_lib
 from mixjax import optim
@@ -79,6 +79,48 @@ def _f32_outputs(apply: objectives_lib.ApplyFn) -> objectives_lib.ApplyFn:
   return wrapped
 
 
+def create_train_state(config: ml_collections.ConfigDict, module: Any,
+                       objective: objectives_lib.Objective, tx: optax.GradientTransformation,
+                       mesh: Mesh) -> tuple[ts.TrainState, Any]:
+  """(the initial `TrainState` laid out on `mesh`, its shardings), from `config.seed`.
+
+  The model's variables, the objective's extra collections (`objective.init`)
+  and the optimizer state are created directly in their shardings (FSDP:
+  split over 'fsdp'), never gathered on one device.
+  """
+  sample = from_config.sample_inputs(config)
+  k_init, k_run = jax.random.split(jax.random.key(config.seed))
+
+  def init():
+    variables = ts.init_variables(module, k_init, sample)
+    variables = {**variables, **objective.init(sample.astype(jnp.float32))}
+    return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
+
+  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))
+  return jax.jit(init, out_shardings=state_sharding)(), state_sharding
+
+
+def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, method: str,
+                       workdir: str) -> tuple[ts.TrainState, int]:
+  """(state, step) of the latest readable checkpoint in `ckpt`, or (`state`, 0) if none.
+
+  Raises ValueError when the checkpoint is of another method or its data
+  position is not its step.
+  """
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    return state, 0
+  state, meta = restored
+  start = int(state.step)
+  if int(meta.get("data", {}).get("step", start)) != start:
+    raise ValueError(f"checkpoint step {start} has data-iterator state {meta['data']}.")
+  if meta.get("method", method) != method:
+    raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
+                     f"not {method!r}; use another --workdir.")
+  _log(f"[{method}] resumed from step {start} in {workdir}")
+  return state, start
+
+
 def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[str], *,
               model: Any = None, max_steps: Optional[int] = None,
               on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
@@ -108,30 +150,12 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
-  sample = from_config.sample_inputs(config)
-  key = jax.random.key(config.seed)
-  k_init, k_run = jax.random.split(key)
-
-  def init():
-    variables = ts.init_variables(module, k_init, sample)
-    variables = {**variables, **objective.init(sample.astype(jnp.float32))}
-    return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
-
-  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=state_sharding)()
+  state, state_sharding = create_train_state(config, module, objective, tx, mesh)
   start = 0
   if ckpt is not None:
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-      state, meta = restored
-      start = int(state.step)
-      if int(meta.get("data", {}).get("step", start)) != start:
-        raise ValueError(f"checkpoint step {start} has data-iterator state {meta['data']}.")
-      if meta.get("method", method) != method:
-        raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
-                         f"not {method!r}; use another --workdir.")
+    state, start = restore_checkpoint(ckpt, state, method, workdir)
+    if start:
       writer.truncate(start)
-      _log(f"[{method}] resumed from step {start} in {workdir}")
   if start and isinstance(data.train, input_pipeline.TrainIterator):
     data.train.step = start  # A pure function of the step: nothing else to restore.
   elif start:

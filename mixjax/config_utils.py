@@ -274,7 +274,7 @@ def validate(config: ConfigDict) -> None:
     try:
       methods_lib.parse(method)
     except ValueError as e:
-      raise ValueError(f"config.method={method!r}: {e}") from None
+      raise ValueError(f"config.method: {e}") from None
   try:
     pairing_lib.get_pairing(config.mix.pairing)
   except ValueError as e:

@@ -162,11 +162,20 @@ def test_config_builds_and_traces_on_synthetic_data(name):
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == () and "lr" in metrics and "grad_norm" in metrics
+    if c.ema_decay:
+      assert jax.tree_util.tree_structure(state.ema_params) == jax.tree_util.tree_structure(
+          state.params)
   apply_eval = objectives.make_apply(module, train=False)
-  logits, _ = jax.eval_shape(lambda v, x: apply_eval(v, x), {"params": state.params,
-                                                             **state.model_state},
+  logits, _ = jax.eval_shape(apply_eval, {"params": state.params, **state.model_state},
                              batch["inputs"])
   assert logits.shape == (16, n_out)
+  erm = from_config.objective(c, "erm", mesh)
+  eval_batch = next(iter(data.eval_batches()))
+  assert eval_batch["inputs"].shape == (16,) + tuple(c.dataset.input_shape)
+  sums = jax.eval_shape(functools.partial(
+      ts.eval_step, apply=apply_eval, num_classes=c.dataset.num_classes, loss_fn=erm.loss_fn,
+      to_logits=erm.to_logits), {"params": state.params, **state.model_state}, eval_batch)
+  assert set(sums) == {"loss", "top1", "top5", "count"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_RUNS))

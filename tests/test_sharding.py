@@ -57,6 +57,13 @@ def test_shard_local_pairing_over_both_axes_equals_grouped_pairing():
                 axis_name=("data", "model"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs of the same config (a full run and its interrupted twin) compile once."""
+  with lib.compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))) as path:
+    yield path
+
+
 def _run(config, workdir=None, max_steps=None):
   (res,) = train.train_and_evaluate(config, workdir, model=lib.TinyResNet(width=64),
                                     max_steps=max_steps)

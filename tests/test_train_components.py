@@ -70,7 +70,7 @@ def test_validate_rejects_bad_values():
   bad(r"config\.mix\.pairing='shuffle'.*same_class", **{"mix.pairing": "shuffle"})
   bad(r"config\.amp\.mode='half'", **{"amp.mode": "half"})
   bad(r"config\.mixupe\.clean_pass='twice'", **{"mixupe.clean_pass": "twice"})
-  bad(r"config\.method='mixup\+amp\+amp'", method="mixup+amp+amp")
+  bad(r"config\.method: Unknown method 'mixup\+amp\+amp'", method="mixup+amp+amp")
   c = cu.base_config()
   c.total_steps = 10
   cu.validate(c)
