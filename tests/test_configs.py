@@ -75,8 +75,8 @@ def _family(name: str) -> str:
   return next(f for f in sorted(TINY_KWARGS, key=len, reverse=True) if name.startswith(f))
 
 
-@functools.lru_cache(maxsize=None)
-def _load_cached(name: str, extra: tuple[str, ...]) -> config_utils.ConfigDict:
+def _load(name: str, extra=()) -> config_utils.ConfigDict:
+  """The recipe `configs/<name>` shrunk for CPU tests, validated."""
   c = config_utils.load_config(os.path.join(ROOT, "configs", name))
   shape = tuple(c.dataset.input_shape)
   family = _family(c.model.name)
@@ -96,11 +96,6 @@ def _load_cached(name: str, extra: tuple[str, ...]) -> config_utils.ConfigDict:
   c = config_utils.apply_overrides(c, overrides + list(extra))
   config_utils.validate(c)
   return c
-
-
-def _load(name: str, extra=()) -> config_utils.ConfigDict:
-  """The recipe `configs/<name>` shrunk for CPU tests (a fresh copy)."""
-  return config_utils.ConfigDict(_load_cached(name, tuple(extra)).to_dict())
 
 
 @pytest.fixture(scope="module", autouse=True)
