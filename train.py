@@ -22,25 +22,24 @@ Multi-host: pass `--coordinator_address host:port --num_processes N
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixjax import checkpointing
 from mixjax import config_utils
+from mixjax import from_config
 from mixjax import input_pipeline
-from mixjax import methods
 from mixjax import metrics_writer
 from mixjax import objectives as objectives_lib
 from mixjax import optim
@@ -48,7 +47,6 @@ from mixjax import sharding
 from mixjax import train_step as ts
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class _Preemption:
@@ -73,96 +71,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The ('data', 'fsdp') mesh of `config.mesh_data` x `config.mesh_fsdp` devices."""
-  try:
-    return sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
-  except ValueError as e:
-    raise ValueError(f"config.mesh_data={config.mesh_data}, config.mesh_fsdp="
-                     f"{config.mesh_fsdp}: {e}") from e
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The linen module named `config.model.name` from `mixjax.models.get_model`."""
-  try:
-    from mixjax import models
-    get_model = models.get_model
-  except (ImportError, AttributeError) as e:
-    raise ValueError("mixjax.models.get_model is not available; pass `model=` to "
-                     "train_and_evaluate or install the model zoo.") from e
-  kwargs = dict(config.model.kwargs)
-  if config.model.dtype != "float32":
-    kwargs["dtype"] = _DTYPES[config.model.dtype]
-  if config.dataset.input_dtype == "int32":  # Text: the embedding table covers the vocabulary.
-    kwargs.setdefault("vocab_size", config.dataset.vocab_size)
-  try:
-    return get_model(config.model.name, num_classes=num_classes, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"config.model.kwargs {sorted(kwargs)} do not fit model "
-                     f"{config.model.name!r}: {e}") from e
-
-
-def _num_outputs(config: ml_collections.ConfigDict) -> int:
-  """Model outputs: class logits, or `cosine_dim` features for the negative-cosine loss."""
-  return config.mix.cosine_dim if config.mix.loss == "cosine" else config.dataset.num_classes
-
-
-def make_objective(config: ml_collections.ConfigDict, method: str,
-                   mesh: Optional[Mesh]) -> objectives_lib.Objective:
-  """The objective of `method` from `config.mix`, `config.amp`, `config.mixupe`."""
-  m = config.mix
-  axis_name = sharding.batch_axes(mesh) if mesh is not None else "data"
-  mesh = mesh if m.shard_local else None
-  return methods.get_objective(
-      method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
-      per_example=m.per_example, pairing=m.pairing, point=m.point,
-      label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
-      interpolate=m.interpolate, amp=dict(config.amp), mixupe=_mixupe_kwargs(config),
-      mesh=mesh, axis_name=axis_name)
-
-
-def _mixupe_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  kwargs = dict(config.mixupe)
-  kwargs["mean"] = None if kwargs["mean"] == "running" else kwargs["mean"]
-  return kwargs
-
-
-class Data:
-  """Training iterator and eval batches for this process."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, start_step: int):
-    d = config.dataset
-    self.shape = tuple(d.input_shape)
-    groups = sharding.num_batch_shards(mesh) if config.mix.shard_local else 1
-    pidx, pcount = jax.process_index(), jax.process_count()
-    self.eval_batch = _round_up(config.eval_batch_size or config.batch_size, mesh.size)
-    if d.name == "tfds" and d.input_dtype != "int32":
-      self.train_examples = input_pipeline.tfds_num_examples(d, d.train_split)
-      self.train = input_pipeline.TfdsTrainIterator(
-          d, config.batch_size, seed=config.seed, process_index=pidx, process_count=pcount,
-          start_step=start_step)
-      self._eval = lambda: input_pipeline.tfds_eval_batches(  # noqa: E731
-          d, self.eval_batch, process_index=pidx, process_count=pcount)
-      return
-    arrays = input_pipeline.load_arrays(d, seed=config.seed)
-    self.train_examples = len(arrays["train"])
-    got = tuple(arrays["train"].get(np.arange(1))[0].shape[1:])
-    if d.augment != "inception" and got != self.shape:
-      raise ValueError(f"config.dataset.input_shape={self.shape} but dataset {d.name!r} has "
-                       f"examples of shape {got}.")
-    self.train = input_pipeline.TrainIterator(
-        arrays["train"], config.batch_size, seed=config.seed, augment=d.augment,
-        out_shape=self.shape, normalize=d.normalize, process_index=pidx, process_count=pcount,
-        epoch_pairing=d.epoch_pairing, num_groups=groups, start_step=start_step,
-        prefetch=d.prefetch)
-    self._eval = lambda: input_pipeline.eval_batches(  # noqa: E731
-        arrays["eval"], self.eval_batch, augment=d.augment, out_shape=self.shape,
-        normalize=d.normalize, process_index=pidx, process_count=pcount)
-
-  def eval_batches(self):
-    return self._eval()
-
-
 def _f32_outputs(apply: objectives_lib.ApplyFn) -> objectives_lib.ApplyFn:
   """Casts model outputs to float32 (bf16 compute; losses and metrics in f32)."""
   def wrapped(variables, inputs, **kwargs):
@@ -171,38 +79,46 @@ def _f32_outputs(apply: objectives_lib.ApplyFn) -> objectives_lib.ApplyFn:
   return wrapped
 
 
-def _round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
+def create_train_state(config: ml_collections.ConfigDict, module: Any,
+                       objective: objectives_lib.Objective, tx: optax.GradientTransformation,
+                       mesh: Mesh) -> tuple[ts.TrainState, Any]:
+  """(the initial `TrainState` laid out on `mesh`, its shardings), from `config.seed`.
 
-
-def _global(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
-  def put(x):
-    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(target, x, shape)
-  return jax.tree_util.tree_map(put, batch)
-
-
-def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], target: NamedSharding,
-                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Global arrays of this process's batches, `size` of them already sent to the devices.
-
-  The host-to-device copies of the next batches overlap the current step. The
-  data position stays the step number: batches fetched ahead of a preemption
-  are dropped and read again on resume.
+  The model's variables, the objective's extra collections (`objective.init`)
+  and the optimizer state are created directly in their shardings (FSDP:
+  split over 'fsdp'), never gathered on one device.
   """
-  queue: collections.deque = collections.deque()
-  for batch in batches:
-    queue.append(_global(batch, target))
-    if len(queue) > size:
-      yield queue.popleft()
-  yield from queue
+  sample = from_config.sample_inputs(config)
+  k_init, k_run = jax.random.split(jax.random.key(config.seed))
+
+  def init():
+    variables = ts.init_variables(module, k_init, sample)
+    variables = {**variables, **objective.init(sample.astype(jnp.float32))}
+    return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
+
+  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))
+  return jax.jit(init, out_shardings=state_sharding)(), state_sharding
 
 
-def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, float]:
-  """(total steps, steps per epoch) from config.total_steps or config.num_epochs."""
-  per_epoch = train_examples / config.batch_size
-  steps = config.total_steps or int(math.ceil(config.num_epochs * per_epoch))
-  return steps, per_epoch
+def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, method: str,
+                       workdir: str) -> tuple[ts.TrainState, int]:
+  """(state, step) of the latest readable checkpoint in `ckpt`, or (`state`, 0) if none.
+
+  Raises ValueError when the checkpoint is of another method or its data
+  position is not its step.
+  """
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    return state, 0
+  state, meta = restored
+  start = int(state.step)
+  if int(meta.get("data", {}).get("step", start)) != start:
+    raise ValueError(f"checkpoint step {start} has data-iterator state {meta['data']}.")
+  if meta.get("method", method) != method:
+    raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
+                     f"not {method!r}; use another --workdir.")
+  _log(f"[{method}] resumed from step {start} in {workdir}")
+  return state, start
 
 
 def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[str], *,
@@ -214,56 +130,37 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   `max_steps`: stop after this global step (the schedule still uses total_steps).
   `on_step`: called with the step number after each step is dispatched.
   """
-  mesh = make_mesh(config)
+  mesh = from_config.mesh(config)
   ckpt = None
   writer = metrics_writer.MetricsWriter(workdir)
   if workdir:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints)
   num_classes = config.dataset.num_classes
-  module = model if model is not None else build_model(config, _num_outputs(config))
-  objective = make_objective(config, method, mesh)
-  erm = make_objective(config, "erm", mesh)
+  module = model if model is not None else from_config.model(config)
+  objective = from_config.objective(config, method, mesh)
+  erm = from_config.objective(config, "erm", mesh)
   apply_train = _f32_outputs(objectives_lib.make_apply(module, train=True))
   apply_eval = _f32_outputs(objectives_lib.make_apply(module, train=False))
 
-  data = Data(config, mesh, start_step=0)
-  steps, per_epoch = total_steps(config, data.train_examples)
+  data = from_config.data(config, mesh, start_step=0)
+  steps, per_epoch = from_config.total_steps(config, data.train_examples)
   schedule = optim.make_schedule(config, steps, per_epoch)
   tx = optim.make_optimizer(config, schedule)
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
-  in_dtype = jnp.int32 if config.dataset.input_dtype == "int32" else jnp.float32
-  sample = jnp.zeros((1,) + tuple(config.dataset.input_shape), in_dtype)
-  key = jax.random.key(config.seed)
-  k_init, k_run = jax.random.split(key)
-
-  def init():
-    variables = ts.init_variables(module, k_init, sample)
-    variables = {**variables, **objective.init(sample.astype(jnp.float32))}
-    return ts.create_train_state(variables, tx, k_run, ema=config.ema_decay > 0)
-
-  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=state_sharding)()
+  state, state_sharding = create_train_state(config, module, objective, tx, mesh)
   start = 0
   if ckpt is not None:
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-      state, meta = restored
-      start = int(state.step)
-      if int(meta.get("data", {}).get("step", start)) != start:
-        raise ValueError(f"checkpoint step {start} has data-iterator state {meta['data']}.")
-      if meta.get("method", method) != method:
-        raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
-                         f"not {method!r}; use another --workdir.")
+    state, start = restore_checkpoint(ckpt, state, method, workdir)
+    if start:
       writer.truncate(start)
-      _log(f"[{method}] resumed from step {start} in {workdir}")
   if start and isinstance(data.train, input_pipeline.TrainIterator):
     data.train.step = start  # A pure function of the step: nothing else to restore.
   elif start:
     data.train.close()
-    data = Data(config, mesh, start_step=start)
+    data = from_config.data(config, mesh, start_step=start)
 
   step_kwargs = dict(apply=apply_train, tx=tx, schedule=schedule, ema_decay=config.ema_decay,
                      accum_steps=config.optimizer.grad_accum_steps)
@@ -281,7 +178,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   def evaluate(variables) -> dict[str, float]:
     sums = None
     for batch in data.eval_batches():
-      out = p_eval(variables, _global(batch, batch_sharding))
+      out = p_eval(variables, sharding.global_batch(batch, batch_sharding))
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     n = max(float(sums["count"]), 1.0)
@@ -337,7 +234,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.save(step, state, {"step": step, "method": method, "data": {"step": step},
                               "config": config.to_json()})
 
-  device_batches = prefetch_to_device(data.train, batch_sharding)
+  device_batches = sharding.prefetch_to_device(data.train, batch_sharding)
   try:
     step = start
     while step < last:
@@ -401,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   config_utils.validate(config)
   runs = config_utils.methods(config)
   if model is None:  # Build once up front: bad model kwargs fail before anything compiles.
-    build_model(config, _num_outputs(config))
+    from_config.model(config)
   results = []
   for method in runs:
     sub = os.path.join(workdir, method) if workdir and len(runs) > 1 else workdir

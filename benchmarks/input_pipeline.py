@@ -19,13 +19,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+class SmallResNet(nn.Module):
+  """Conv + BN stem, one residual block with BN, global pool, dense head (the default model)."""
+  num_classes: int = 10
+  width: int = 32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+    x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+    y = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+    y = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
+    x = nn.relu(x + y)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
 
 
 def bench_augment(size: int, batch: int, repeats: int) -> list[tuple[str, float]]:
@@ -92,29 +108,28 @@ def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tupl
   import functools
 
   import jax
+  import optax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  import train
+  from mixjax import config_utils
+  from mixjax import from_config
   from mixjax import objectives
   from mixjax import train_step as ts
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "tests"))
-  import train_testlib as lib
-  c = lib.tiny_config(steps, "erm")
+  c = config_utils.base_config()
   c.dataset.input_shape = (size, size, 3)
   c.model.name = model_name or "digits_cnn"
-  module = train.build_model(c, 10) if model_name else lib.TinyResNet(num_classes=10, width=32)
+  module = from_config.model(c, 10) if model_name else SmallResNet(num_classes=10, width=32)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   rng = np.random.default_rng(0)
   batch_np = {"inputs": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
               "labels": rng.integers(0, 10, batch).astype(np.int32)}
   data = jax.device_put(batch_np, shard)
-  tx = __import__("optax").sgd(0.1, 0.9)
-  variables = ts.init_variables(module, jax.random.key(0), jnp_zeros((1, size, size, 3)))
+  tx = optax.sgd(0.1, 0.9)
+  variables = ts.init_variables(module, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   rows = []
   for method in ("erm", "mixup", "untied", "dat"):
-    obj = train.make_objective(c, method, mesh)
+    obj = from_config.objective(c, method, mesh)
     fresh = jax.tree_util.tree_map(lambda x: x.copy(), variables)  # the step donates its input
     state = jax.device_put(ts.create_train_state(fresh, tx, jax.random.key(1), ema=False), rep)
     step = jax.jit(functools.partial(ts.train_step, objective=obj,
@@ -129,11 +144,6 @@ def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tupl
     jax.block_until_ready(state)
     rows.append((method, batch * steps / (time.perf_counter() - t)))
   return rows
-
-
-def jnp_zeros(shape):
-  import jax.numpy as jnp
-  return jnp.zeros(shape, jnp.float32)
 
 
 def main(argv=None):
@@ -159,7 +169,7 @@ def main(argv=None):
   import jax
   print(f"\nTrain step on synthetic {a.step_size}x{a.step_size}x3, batch {a.step_batch}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"model {a.model or 'TinyResNet(width=32)'}:")
+        f"model {a.model or 'SmallResNet(width=32)'}:")
   rows = bench_steps(a.model, a.steps, a.step_batch, a.step_size)
   erm = rows[0][1]
   print(f"  {'method':10s} {'images/s':>10s} {'ratio to ERM':>13s}")

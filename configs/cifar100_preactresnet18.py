@@ -1,21 +1,16 @@
 """PreActResNet-18 on cifar100 (TFDS), 200 epochs.
 
 Paper (mixup, PreActResNet-18) test error: ERM 25.6 / mixup 21.1; Untied MixUp: B(0.9,0.9) 22.020% vs U(B(1.4,0.7)) 21.884%.
-`:paper=mixup|untied|mixupe` picks the paper's setup (see configs/_image_small.py);
+`:paper=mixup|untied|mixupe` picks the paper's setup (see mixjax/recipes.py);
 e.g. Untied MixUp with negative-cosine loss:
     python train.py --config configs/cifar100_preactresnet18.py:paper=untied --workdir w \
         --config.method=untied --config.mix.alpha=2.2 --config.mix.beta=0.9 --config.mix.loss=cosine
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _image_small  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
+from mixjax import config_utils
+from mixjax import recipes
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, paper="mixup", method="mixup")
-  return _image_small.image_config("cifar100", "preact_resnet18", a.paper, a.method)
+  return recipes.image_config("cifar100", "preact_resnet18", a.paper, a.method)

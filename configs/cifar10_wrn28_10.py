@@ -5,18 +5,13 @@
 Paper test error: ERM 3.8 / mixup 2.7.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _image_small  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
+from mixjax import config_utils
+from mixjax import recipes
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, paper="mixup", method="mixup")
-  c = _image_small.image_config("cifar10", "wrn28_10", a.paper, a.method)
+  c = recipes.image_config("cifar10", "wrn28_10", a.paper, a.method)
   if a.paper == "mixup":
     c.schedule.boundaries_epochs = (60, 120, 180)
   return c

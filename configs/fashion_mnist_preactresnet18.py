@@ -1,21 +1,16 @@
 """PreActResNet-18 on fashion_mnist (TFDS), 200 epochs.
 
 Untied MixUp paper tables 3/4 (PreActResNet-18, 200 epochs, CE and negative-cosine losses).
-`:paper=mixup|untied|mixupe` picks the paper's setup (see configs/_image_small.py);
+`:paper=mixup|untied|mixupe` picks the paper's setup (see mixjax/recipes.py);
 e.g. Untied MixUp with negative-cosine loss:
     python train.py --config configs/fashion_mnist_preactresnet18.py:paper=untied --workdir w \
         --config.method=untied --config.mix.alpha=2.2 --config.mix.beta=0.9 --config.mix.loss=cosine
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _image_small  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
+from mixjax import config_utils
+from mixjax import recipes
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, paper="untied", method="mixup")
-  return _image_small.image_config("fashion_mnist", "preact_resnet18", a.paper, a.method)
+  return recipes.image_config("fashion_mnist", "preact_resnet18", a.paper, a.method)

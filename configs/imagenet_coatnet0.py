@@ -7,12 +7,8 @@ global batch, Polyak EMA 0.999 of params and batch statistics, bf16 compute,
 mixup alpha 0.4, MixupE eta 5e-4. Paper top-1: 79.8 / 80.8 / 81.6.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _imagenet  # noqa: E402
+from mixjax import recipes
 
 
 def get_config(arg=None):
-  return _imagenet.adamw(_imagenet.mixupe_imagenet(arg, "coatnet0", alpha=0.4, eta=5e-4), 0.05)
+  return recipes.adamw(recipes.mixupe_imagenet(arg, "coatnet0", alpha=0.4, eta=5e-4), 0.05)

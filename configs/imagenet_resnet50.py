@@ -11,15 +11,11 @@ Paper top-1: 76.2 (ERM) / 77.2 (mixup) / 77.7 (MixupE).
     python train.py --config configs/imagenet_resnet50.py:res=64 --config.dataset.name=synthetic
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _imagenet  # noqa: E402
+from mixjax import recipes
 
 
 def get_config(arg=None):
-  c = _imagenet.mixupe_imagenet(arg, "resnet50", alpha=0.2, eta=1e-3)
+  c = recipes.mixupe_imagenet(arg, "resnet50", alpha=0.2, eta=1e-3)
   c.optimizer.name = "sgd"
   c.optimizer.lr = 1.6
   c.optimizer.momentum = 0.9

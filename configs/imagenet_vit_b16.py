@@ -8,14 +8,10 @@ compute, mixup alpha 0.4, MixupE eta 5e-4. Paper top-1: 79.1 / 79.7 / 80.4
 not stated in the paper; set optimizer.grad_clip_norm=0 to disable).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _imagenet  # noqa: E402
+from mixjax import recipes
 
 
 def get_config(arg=None):
-  c = _imagenet.adamw(_imagenet.mixupe_imagenet(arg, "vit_b16", alpha=0.4, eta=5e-4), 0.3)
+  c = recipes.adamw(recipes.mixupe_imagenet(arg, "vit_b16", alpha=0.4, eta=5e-4), 0.3)
   c.optimizer.grad_clip_norm = 1.0
   return c

@@ -6,18 +6,13 @@ paper's SVHN setup (SGD 0.1, momentum 0.9, weight decay 1e-4, batch 100,
 on 1000 test images.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _image_small  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
+from mixjax import config_utils
+from mixjax import recipes
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, method="mixup")
-  c = _image_small.image_config("svhn", "wrn16_8", "mixupe", a.method)
+  c = recipes.image_config("svhn", "wrn16_8", "mixupe", a.method)
   c.mix.alpha = 5.0
   c.mix.beta = 0.5
   c.dataset.augment = "none"  # No flips for digits.

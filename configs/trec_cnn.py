@@ -1,24 +1,14 @@
 """kim_cnn on trec with AMP (amp_adversarial_mixing_policy, section 4).
 
-See configs/_text.py for the recipe and the data format. `:point=sent` mixes
+See `mixjax.recipes.text_config` for the recipe and the data format. `:point=sent` mixes
 the sentence representation instead of the word embeddings.
     python train.py --config configs/trec_cnn.py --workdir w --config.method=amp
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _text  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
-
-# Submodule paths of the model's word embeddings and sentence representation.
-POINTS = {"word": "embed", "sent": "sentence"}
+from mixjax import config_utils
+from mixjax import recipes
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, method="amp", point="word")
-  if a.point not in POINTS:
-    raise ValueError(f"point must be one of {sorted(POINTS)}, got {a.point!r}.")
-  return _text.text_config("trec", "kim_cnn", a.method, POINTS[a.point])
+  return recipes.text_config("trec", "kim_cnn", a.method, recipes.text_point(a.point))

@@ -7,7 +7,15 @@ values. Every recipe starts from `base_config()`, the full schema: after
 loading, `--config.a.b=value` overrides may change existing fields only (new
 keys are allowed only under `model.kwargs`, the model's own arguments, which
 the model constructor checks), and `validate` checks values, so a mistyped
-key or value fails before anything is compiled.
+key or value fails before anything is compiled. Allowed methods, pairings,
+losses, AMP modes and MixupE options come from the library's registries
+(`methods.parse`, `pairing.get_pairing`, `methods.LOSSES`, `amp.MODES`,
+`mixupe.CLEAN_PASSES`, `mixupe.BATCH_STATS`).
+
+The overrides are parsed here rather than by `ml_collections.config_flags`,
+which cannot override a field whose default is None (`mix.beta`,
+`mix.point`, `dataset.data_dir`), and can add new keys either everywhere or
+nowhere (here: only under `model.kwargs`).
 """
 
 from __future__ import annotations
@@ -20,16 +28,18 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from mixjax import amp as amp_lib
+from mixjax import methods as methods_lib
+from mixjax import mixupe as mixupe_lib
+from mixjax import pairing as pairing_lib
+
 ConfigDict = ml_collections.ConfigDict
 
-BASE_METHODS = ("erm", "mixup", "untied", "dat")
-WRAPPER_METHODS = ("amp", "mixupe")
+# Values of the fields whose choices live in no registry of the library.
 DATASETS = ("digits", "iris", "synthetic", "npz", "tsv", "tfds")
 AUGMENTS = ("none", "cifar", "inception", "flip")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("warmup_cosine", "piecewise", "constant")
-LOSSES = ("softmax_xent", "sigmoid_xent", "cosine")
-PAIRINGS = ("random", "reverse", "roll", "same_class")
 FREE_FORM = ("model.kwargs",)
 
 
@@ -261,27 +271,26 @@ def validate(config: ConfigDict) -> None:
   if not runs:
     raise ValueError("config.method is empty; use e.g. 'mixup', 'erm' or 'mixup,erm'.")
   for method in runs:
-    parts = [p.strip() for p in method.split("+")]
-    bad = [p for p in parts if p not in BASE_METHODS + WRAPPER_METHODS]
-    bases = [p for p in parts if p in BASE_METHODS]
-    if bad or len(bases) > 1:
-      raise ValueError(f"config.method={method!r}: use one of {list(BASE_METHODS)} optionally "
-                       f"joined with '+' to {list(WRAPPER_METHODS)}.")
-    if "erm" in bases and len(parts) > 1:
-      raise ValueError(f"config.method={method!r}: amp/mixupe need a mixing base, not erm.")
+    try:
+      methods_lib.parse(method)
+    except ValueError as e:
+      raise ValueError(f"config.method: {e}") from None
+  try:
+    pairing_lib.get_pairing(config.mix.pairing)
+  except ValueError as e:
+    raise ValueError(f"config.mix.pairing={config.mix.pairing!r}: {e}") from None
   _choice("dataset.name", config.dataset.name, DATASETS)
   _choice("dataset.augment", config.dataset.augment, AUGMENTS)
   _choice("dataset.input_dtype", config.dataset.input_dtype, ("float32", "int32"))
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, SCHEDULES)
-  _choice("mix.loss", config.mix.loss, LOSSES)
-  _choice("mix.pairing", config.mix.pairing, PAIRINGS)
+  _choice("mix.loss", config.mix.loss, methods_lib.LOSSES)
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
-  _choice("amp.mode", config.amp.mode, ("full", "max", "rand"))
+  _choice("amp.mode", config.amp.mode, amp_lib.MODES)
   _choice("mixupe.mean", config.mixupe.mean, ("running", "batch"))
-  _choice("mixupe.clean_pass", config.mixupe.clean_pass, ("concat", "separate"))
-  _choice("mixupe.batch_stats", config.mixupe.batch_stats, ("mixed", "all"))
+  _choice("mixupe.clean_pass", config.mixupe.clean_pass, mixupe_lib.CLEAN_PASSES)
+  _choice("mixupe.batch_stats", config.mixupe.batch_stats, mixupe_lib.BATCH_STATS)
   if not 0.0 < config.mixupe.rho <= 1.0:
     raise ValueError(f"config.mixupe.rho must be in (0, 1], got {config.mixupe.rho}.")
   if config.dataset.name == "tfds" and not config.dataset.tfds_name:
@@ -310,6 +319,6 @@ def validate(config: ConfigDict) -> None:
   if config.optimizer.lr < 0 or config.optimizer.weight_decay < 0:
     raise ValueError("config.optimizer.lr and weight_decay must be >= 0.")
   if config.dataset.input_dtype == "int32" and config.mix.point is None and any(
-      m != "erm" for m in runs):
+      methods_lib.parse(m) != ("erm", ()) for m in runs):
     raise ValueError("Integer inputs (token ids) cannot be mixed: set config.mix.point to a "
                      "submodule (e.g. the embedding) for mixing methods.")

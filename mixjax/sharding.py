@@ -11,7 +11,8 @@ to the owning shards. With `fsdp=1` this is plain data parallelism with replicat
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import collections
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -98,3 +99,27 @@ def state_shardings(mesh: Mesh, tree: PyTree, min_size: int = 2 ** 14) -> PyTree
 def num_batch_shards(mesh: Mesh) -> int:
   """Number of pieces the global batch is split into (every device of the mesh)."""
   return mixing.num_shards(mesh, batch_axes(mesh))
+
+
+def global_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
+  """Global arrays [B * processes, ...] from this process's rows [B, ...], laid out as `target`."""
+  def put(x):
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(target, x, shape)
+  return jax.tree_util.tree_map(put, batch)
+
+
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], target: NamedSharding,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays of this process's batches, `size` of them already sent to the devices.
+
+  The host-to-device copies of the next batches overlap the current step. A
+  training loop whose data position is the step number drops the batches
+  fetched ahead of a preemption and reads them again on resume.
+  """
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(global_batch(batch, target))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue

@@ -54,12 +54,10 @@ def _train_commands():
 @pytest.mark.parametrize("args", list(_train_commands()))
 def test_documented_train_commands_parse(args):
   # Every `python train.py ...` line in the docs names real configs and valid overrides.
-  import sys
-  sys.path.insert(0, str(ROOT))
-  import train
+  import train  # The repository root is on sys.path (pyproject's pytest `pythonpath`).
+  from mixjax import from_config, input_pipeline, optim
   config, _ = train.parse_args(args)
   assert config.batch_size > 0
   if config.dataset.name != "tfds":  # What needs the data but no compiling: the schedule.
-    from mixjax import input_pipeline, optim
     n = len(input_pipeline.load_arrays(config.dataset, seed=config.seed)["train"])
-    optim.make_schedule(config, *train.total_steps(config, n))
+    optim.make_schedule(config, *from_config.total_steps(config, n))

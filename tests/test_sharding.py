@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import train
 import train_testlib as lib
 from mixjax import mixing
 from mixjax import pairing
 from mixjax import sharding
-
-import train  # noqa: E402  (train_testlib puts the repository root on sys.path)
 
 
 def test_make_mesh_shapes_and_errors():
@@ -56,6 +55,13 @@ def test_shard_local_pairing_over_both_axes_equals_grouped_pairing():
   with pytest.raises(ValueError, match="not an axis"):
     mixing.pair(jax.random.key(0), labels, pairing.random_permutation, mesh=mesh,
                 axis_name=("data", "model"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs of the same config (a full run and its interrupted twin) compile once."""
+  with lib.compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))) as path:
+    yield path
 
 
 def _run(config, workdir=None, max_steps=None):
@@ -125,7 +131,7 @@ def test_prefetch_to_device_keeps_order_and_runs_ahead():
       pulled.append(i)
       yield {"inputs": np.full((8, 2), i, np.float32)}
 
-  it = train.prefetch_to_device(source(), sharding.batch_sharding(mesh), size=2)
+  it = sharding.prefetch_to_device(source(), sharding.batch_sharding(mesh), size=2)
   first = next(it)
   assert pulled == [0, 1, 2]  # Two batches already on their way to the devices.
   assert first["inputs"].sharding.spec == sharding.batch_sharding(mesh).spec

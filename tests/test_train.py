@@ -21,14 +21,13 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import train
 import train_testlib as lib
 from mixjax import config_utils
 from mixjax import objectives
 from mixjax import pairing
 from mixjax import policies
 from mixjax import train_step as ts
-
-import train  # noqa: E402  (train_testlib puts the repository root on sys.path)
 
 ROOT = lib.ROOT
 TESTLIB = os.path.join(ROOT, "tests", "train_testlib.py")
@@ -38,17 +37,8 @@ STEPS, CKPT_EVERY = 40, 8  # The resume tests' run: 40 steps, a checkpoint every
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
   """Identical programs compiled by several runs (and subprocesses) compile once."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  yield path
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  os.environ.pop("JAX_COMPILATION_CACHE_DIR")
-  os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  with lib.compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))) as path:
+    yield path
 
 
 def _resume_config():

@@ -15,6 +15,7 @@ import pytest
 
 from mixjax import checkpointing
 from mixjax import config_utils as cu
+from mixjax import from_config
 from mixjax import metrics_writer as mw
 from mixjax import optim
 
@@ -56,7 +57,7 @@ def test_validate_rejects_bad_values():
     with pytest.raises(ValueError, match=match):
       cu.validate(c)
   bad("mixupp", method="mixupp")
-  bad("need a mixing base", method="erm+amp")
+  bad("needs a mixing base", method="erm+amp")
   bad("optimizer.name", **{"optimizer.name": "lamb"})
   bad("dataset.name", **{"dataset.name": "cifar"})
   bad("tfds_name", **{"dataset.name": "tfds"})
@@ -65,12 +66,37 @@ def test_validate_rejects_bad_values():
   bad("ema_decay", ema_decay=1.0)
   bad("mix.point", **{"dataset.input_dtype": "int32"})
   bad("reverse", **{"dataset.epoch_pairing": True})
+  # Allowed values come from the registries (methods.parse, pairing, amp, mixupe).
+  bad(r"config\.mix\.pairing='shuffle'.*same_class", **{"mix.pairing": "shuffle"})
+  bad(r"config\.amp\.mode='half'", **{"amp.mode": "half"})
+  bad(r"config\.mixupe\.clean_pass='twice'", **{"mixupe.clean_pass": "twice"})
+  bad(r"config\.method: Unknown method 'mixup\+amp\+amp'", method="mixup+amp+amp")
   c = cu.base_config()
   c.total_steps = 10
   cu.validate(c)
+  c.method = "erm+mixupe,mixup"  # MixupE's Table 7 row: ERM plus MixupE's term.
+  cu.validate(c)
+  assert cu.methods(c) == ["erm+mixupe", "mixup"]
   c.bogus = 1
   with pytest.raises(ValueError, match="bogus"):
     cu.validate(c)
+
+
+def test_from_config_model_and_total_steps():
+  c = cu.base_config()
+  c.model.name, c.dataset.input_shape = "mlp", (4,)
+  c.model.kwargs = cu.ConfigDict({"hidden_sizes": (8,)})
+  c.mix.loss, c.mix.cosine_dim = "cosine", 12
+  module = from_config.model(c)
+  out = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), jnp.zeros((2, 4)))[0])
+  assert out.shape == (2, 12)  # The negative-cosine loss: cosine_dim outputs.
+  c.model.kwargs.bogus = 1
+  with pytest.raises(ValueError, match=r"config\.model\.kwargs \['bogus', 'hidden_sizes'\].*'mlp'"):
+    from_config.model(c)
+  c.batch_size, c.num_epochs = 32, 2.5
+  assert from_config.total_steps(c, 100) == (8, 100 / 32)
+  c.total_steps = 5
+  assert from_config.total_steps(c, 100) == (5, 100 / 32)
 
 
 # ----------------------------------------------------------------------------- optim

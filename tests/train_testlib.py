@@ -1,24 +1,25 @@
 """Small models, configs and a subprocess entry point for the training-system tests.
 
-Run as a script, it trains `tiny_config()` with a local model in a workdir
-(used by the kill/resume and multi-process tests):
-    python tests/train_testlib.py WORKDIR STEPS [--sleep S] [--distributed ADDR N ID]
+Run as a script with the repository root on PYTHONPATH, it trains
+`tiny_config()` with a local model in a workdir (used by the kill/resume and
+multi-process tests):
+    PYTHONPATH=. python tests/train_testlib.py WORKDIR STEPS [--sleep S] [--distributed ADDR N ID]
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mixjax import config_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from mixjax import config_utils  # noqa: E402
 
 
 class TinyResNet(nn.Module):
@@ -88,6 +89,27 @@ def tiny_config(steps: int = 12, method: str = "mixup"):
   c.mesh_data = 1
   c.progress_bar = False
   return c
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str) -> Iterator[str]:
+  """JAX's persistent compilation cache in `path`, for this process and its subprocesses.
+
+  Identical programs (the eval step or the init of several methods on one
+  model, the same run in a subprocess) then compile once.
+  """
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  try:
+    yield path
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+    os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 def train_losses(workdir: str) -> dict[int, float]:
