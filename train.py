@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixjax import adapters
 from mixjax import checkpointing
 from mixjax import config_utils
 from mixjax import from_config
@@ -71,7 +72,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _f32_outputs(apply: objectives_lib.ApplyFn) -> objectives_lib.ApplyFn:
+def _f32_outputs(apply: adapters.ApplyFn) -> adapters.ApplyFn:
   """Casts model outputs to float32 (bf16 compute; losses and metrics in f32)."""
   def wrapped(variables, inputs, **kwargs):
     out, state = apply(variables, inputs, **kwargs)
@@ -140,8 +141,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   module = model if model is not None else from_config.model(config)
   objective = from_config.objective(config, method, mesh)
   erm = from_config.objective(config, "erm", mesh)
-  apply_train = _f32_outputs(objectives_lib.make_apply(module, train=True))
-  apply_eval = _f32_outputs(objectives_lib.make_apply(module, train=False))
+  apply_train = _f32_outputs(adapters.make_apply(module, train=True))
+  apply_eval = _f32_outputs(adapters.make_apply(module, train=False))
 
   data = from_config.data(config, mesh, start_step=0)
   steps, per_epoch = from_config.total_steps(config, data.train_examples)

@@ -113,7 +113,7 @@ def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tupl
 
   from mixjax import config_utils
   from mixjax import from_config
-  from mixjax import objectives
+  from mixjax import adapters
   from mixjax import train_step as ts
   c = config_utils.base_config()
   c.dataset.input_shape = (size, size, 3)
@@ -133,7 +133,7 @@ def bench_steps(model_name: str, steps: int, batch: int, size: int) -> list[tupl
     fresh = jax.tree_util.tree_map(lambda x: x.copy(), variables)  # the step donates its input
     state = jax.device_put(ts.create_train_state(fresh, tx, jax.random.key(1), ema=False), rep)
     step = jax.jit(functools.partial(ts.train_step, objective=obj,
-                                     apply=objectives.make_apply(module), tx=tx),
+                                     apply=adapters.make_apply(module), tx=tx),
                    in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
     for _ in range(2):
       state, m = step(state, data)

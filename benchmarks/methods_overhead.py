@@ -11,8 +11,8 @@ analysis, for a full jitted train step (forward, backward, SGD update). Rows:
 - mixup: Beta(1, 1) per example, input mixing.
 - amp full / amp max: AMP (eps 0.002) at the input.
 - amp @last hidden (split): AMP mixing at the last hidden state, with the model
-  split into encode/head (`amp.make_split_apply`): the encoder runs once.
-- amp @last hidden (intercept): the same through `objectives.make_apply` and
+  split into encode/head (`adapters.make_split_apply`): the encoder runs once.
+- amp @last hidden (intercept): the same through `adapters.make_apply` and
   linen interception: every pass runs the whole model in the program (XLA may
   merge the identical encoder computations).
 - mixupe concat / separate / rho=0.25: MixupE (q^) with the clean pass batched
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixjax import amp, mixupe, objectives, policies
+from mixjax import adapters, amp, mixupe, objectives, policies
 
 
 class Features(nn.Module):
@@ -162,9 +162,9 @@ def main(argv=None):
   model_state = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = tx.init(params)
-  applies = {"whole": objectives.make_apply(model, train=True)}
+  applies = {"whole": adapters.make_apply(model, train=True)}
   if split_ok and point is not None:
-    applies["split"] = amp.make_split_apply(model, point=point)
+    applies["split"] = adapters.make_split_apply(model, point=point)
 
   only = {s.strip() for s in args.only.split(",") if s.strip()}
   rows = methods(args.num_classes, point, split_ok)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import mixjax
-from mixjax import objectives, policies
+from mixjax import adapters, objectives, policies
 
 
 class SmallCNN(nn.Module):
@@ -57,7 +57,7 @@ def _time(fn, args, steps):
 
 
 def make_step(model, objective, tx):
-  apply = objectives.make_apply(model, train=True)
+  apply = adapters.make_apply(model, train=True)
 
   @jax.jit
   def step(params, model_state, opt_state, x, y, key):

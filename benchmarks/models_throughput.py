@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixjax import models, objectives
+from mixjax import adapters, models, objectives
 
 # Dense bf16 peak TFLOP/s per device, matched by substring of `device_kind` (lower case).
 PEAK_TFLOPS = (
@@ -92,7 +92,7 @@ def bench_model(name: str, batch: int, image_size: Optional[int], dtype: Any, st
   state = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-  apply = objectives.make_apply(model, train=True)
+  apply = adapters.make_apply(model, train=True)
 
   def apply_f32(v, inputs, **kw):
     out, new_state = apply(v, inputs, **kw)

@@ -23,6 +23,7 @@ import pytest
 
 import train
 import train_testlib as lib
+from mixjax import adapters
 from mixjax import config_utils
 from mixjax import from_config
 from mixjax import objectives
@@ -151,7 +152,7 @@ def test_config_builds_and_traces_on_synthetic_data(name):
 
     state = jax.eval_shape(init)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
-    step = functools.partial(ts.train_step, objective=obj, apply=objectives.make_apply(module),
+    step = functools.partial(ts.train_step, objective=obj, apply=adapters.make_apply(module),
                              tx=tx, schedule=schedule, ema_decay=c.ema_decay,
                              accum_steps=c.optimizer.grad_accum_steps)
     new_state, metrics = jax.eval_shape(step, state, batch)
@@ -160,7 +161,7 @@ def test_config_builds_and_traces_on_synthetic_data(name):
     if c.ema_decay:
       assert jax.tree_util.tree_structure(state.ema_params) == jax.tree_util.tree_structure(
           state.params)
-  apply_eval = objectives.make_apply(module, train=False)
+  apply_eval = adapters.make_apply(module, train=False)
   logits, _ = jax.eval_shape(apply_eval, {"params": state.params, **state.model_state},
                              batch["inputs"])
   assert logits.shape == (16, n_out)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import train
 import train_testlib as lib
+from mixjax import adapters
 from mixjax import config_utils
 from mixjax import objectives
 from mixjax import pairing
@@ -81,7 +82,7 @@ def _run_steps(mesh: Mesh, objective, n_steps: int = 3):
   variables = ts.init_variables(module, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   state = jax.device_put(ts.create_train_state(variables, tx, jax.random.key(1), ema=True), rep)
   step = jax.jit(functools.partial(ts.train_step, objective=objective,
-                                   apply=objectives.make_apply(module), tx=tx, ema_decay=0.5),
+                                   apply=adapters.make_apply(module), tx=tx, ema_decay=0.5),
                  in_shardings=(rep, shard), out_shardings=(rep, rep))
   rng = np.random.default_rng(0)
   losses = []
@@ -131,7 +132,7 @@ def test_gradient_accumulation_equals_full_batch():
   for k in (1, 4):
     state = ts.create_train_state(variables, tx, jax.random.key(1), ema=False)
     fn = jax.jit(functools.partial(ts.train_step, objective=objectives.erm(num_classes=5),
-                                   apply=objectives.make_apply(module), tx=tx, accum_steps=k))
+                                   apply=adapters.make_apply(module), tx=tx, accum_steps=k))
     for _ in range(2):
       state, m = fn(state, batch)
     out[k] = (state, m)
