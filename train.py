@@ -45,6 +45,7 @@ from mixjax import metrics_writer
 from mixjax import objectives as objectives_lib
 from mixjax import optim
 from mixjax import sharding
+from mixjax import study
 from mixjax import train_step as ts
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
@@ -184,10 +185,16 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     sums = jax.device_get(sums)
     n = max(float(sums["count"]), 1.0)
     return {"loss": float(sums["loss"]) / n, "top1": float(sums["top1"]) / n,
-            "top5": float(sums["top5"]) / n}
+            "top5": float(sums["top5"]) / n,
+            "ece": ts.expected_calibration_error(sums["calibration"])}
 
-  def run_eval(step: int) -> dict[str, Any]:
-    out = {"eval": evaluate({"params": state.params, **state.model_state})}
+  def run_eval(step: int, final: bool = False) -> dict[str, Any]:
+    variables = {"params": state.params, **state.model_state}
+    out = {"eval": evaluate(variables)}
+    if final and config.study.fgsm_eps:
+      logits = lambda x: erm.to_logits(apply_eval(variables, x)[0])  # noqa: E731
+      out["eval"]["fgsm_top1"] = 1.0 - study.fgsm_error(logits, data.eval_batches(),
+                                                        config.study.fgsm_eps)
     record = {k: v for k, v in out["eval"].items()}
     if config.ema_decay:
       out["eval_ema"] = evaluate({"params": state.ema_params, **state.ema_model_state})
@@ -264,7 +271,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         run_eval(step)
     flush()
     if not result["preempted"]:
-      result.update(run_eval(step))
+      result.update(run_eval(step, final=True))
     result["step"] = step
     result["skipped_steps"] = skipped_steps
     result["state"] = state
@@ -297,21 +304,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
                        on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
   """Validates `config` and trains each of its methods in turn; returns their results."""
   config_utils.validate(config)
-  runs = config_utils.methods(config)
+  methods = config_utils.methods(config)
   if model is None:  # Build once up front: bad model kwargs fail before anything compiles.
     from_config.model(config)
+  is_study = study.is_study(config)
+  runs = study.runs(config, methods)
   results = []
-  for method in runs:
-    sub = os.path.join(workdir, method) if workdir and len(runs) > 1 else workdir
-    res = train_one(config, method, sub, model=model, max_steps=max_steps, on_step=on_step)
+  for run in runs:
+    sub = (os.path.join(workdir, run.subdir(is_study)) if workdir and len(runs) > 1
+           else workdir)
+    tag = run.method if not is_study else f"{run.method}, seed {run.seed}" + (
+        f", {100 * run.corruption:g}% corrupted labels" if run.corruption else "")
+    res = train_one(study.config_for(config, run), run.method, sub, model=model,
+                    max_steps=max_steps, on_step=on_step)
     results.append(res)
     if res["preempted"]:
       break
-    msg = f"[{method}] step {res['step']}: test accuracy {100 * res['eval']['top1']:.2f}%"
+    msg = f"[{tag}] step {res['step']}: test accuracy {100 * res['eval']['top1']:.2f}%"
     if "eval_ema" in res:
       msg += f" (EMA {100 * res['eval_ema']['top1']:.2f}%)"
     _log(msg)
-  if len(results) > 1 and jax.process_index() == 0:
+  done = [(run, res) for run, res in zip(runs, results) if not res["preempted"]]
+  if is_study and len(done) == len(runs):
+    table, data = study.summarize(config, done)
+    if jax.process_index() == 0:
+      print("\n" + table)
+      study.write(workdir, table, data)
+  elif len(results) > 1 and jax.process_index() == 0:
     print("\nFinal test accuracy:")
     for r in results:
       print(f"  {r['method']:>20s}: {100 * r['eval']['top1']:.2f}%")

@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 # submodule is an attribute of the package and `__getattr__` is not called for it again.
 _LAZY_SUBMODULES = frozenset({
     "checkpointing", "config_utils", "experiments", "from_config", "input_pipeline",
-    "metrics_writer", "models", "optim", "recipes", "sharding", "train_step",
+    "metrics_writer", "models", "optim", "recipes", "sharding", "study", "train_step",
 })
 
 

@@ -131,6 +131,11 @@ def base_config() -> ConfigDict:
   c.mesh_data = -1         # devices on the 'data' axis; -1: all not on 'fsdp'.
   c.mesh_fsdp = 1          # devices each large parameter/optimizer array is split over.
   c.progress_bar = True
+  c.study = ConfigDict(dict(   # mixjax.study: every method over seeds, one summary table.
+      seeds=1,             # seeds config.seed, config.seed + 1, ...
+      fgsm_eps=0.0,        # > 0: FGSM error at this fraction of the input range.
+      corrupted_labels=0.0,  # > 0: also train with this fraction of labels corrupted.
+  ))
   return c
 
 
@@ -298,6 +303,15 @@ def validate(config: ConfigDict) -> None:
   if config.dataset.epoch_pairing and config.mix.pairing != "reverse":
     raise ValueError("config.dataset.epoch_pairing=True needs config.mix.pairing='reverse' "
                      "(the pipeline lays out pairs so that reverse pairing matches them).")
+  if isinstance(config.study.seeds, bool) or int(config.study.seeds) != config.study.seeds or (
+      config.study.seeds < 1):
+    raise ValueError(f"config.study.seeds must be an integer >= 1, got {config.study.seeds!r}.")
+  if not 0.0 <= config.study.fgsm_eps <= 1.0:
+    raise ValueError(f"config.study.fgsm_eps is a fraction of the input range in [0, 1], got "
+                     f"{config.study.fgsm_eps}.")
+  if not 0.0 <= config.study.corrupted_labels < 1.0:
+    raise ValueError(f"config.study.corrupted_labels must be in [0, 1), got "
+                     f"{config.study.corrupted_labels}.")
   if not 0.0 <= config.dataset.label_corruption <= 1.0:
     raise ValueError(f"config.dataset.label_corruption must be in [0, 1], got "
                      f"{config.dataset.label_corruption}.")

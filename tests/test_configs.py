@@ -171,7 +171,7 @@ def test_config_builds_and_traces_on_synthetic_data(name):
   sums = jax.eval_shape(functools.partial(
       ts.eval_step, apply=apply_eval, num_classes=c.dataset.num_classes, loss_fn=erm.loss_fn,
       to_logits=erm.to_logits), {"params": state.params, **state.model_state}, eval_batch)
-  assert set(sums) == {"loss", "top1", "top5", "count"}
+  assert set(sums) == {"loss", "top1", "top5", "count", "calibration"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
