@@ -1,4 +1,4 @@
-"""Trains a model with ERM or a mixup-family method: the one entry point.
+r"""Trains a model with ERM or a mixup-family method: the one entry point.
 
     python train.py                      # configs/digits.py: mixup and ERM on digits, CPU
     python train.py --config configs/cifar10_preactresnet18.py --workdir /tmp/c10 \
@@ -22,10 +22,12 @@ Multi-host: pass `--coordinator_address host:port --num_processes N
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import os
 import signal
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,6 +50,9 @@ from mixjax import sharding
 from mixjax import train_step as ts
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+CACHE_ENV = "MIXJAX_CACHE_DIR"  # JAX's persistent compilation cache (see `use_compilation_cache`).
+NO_CACHE_ENV = "MIXJAX_NO_COMPILATION_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mixjax", "jax")
 
 
 class _Preemption:
@@ -318,9 +323,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   return results
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-  """Parses the command line into a validated config and the other flags."""
+def recipes(configs_dir: str = os.path.dirname(DEFAULT_CONFIG)) -> dict[str, str]:
+  """{'configs/x.py': the first line of its docstring} for each recipe in `configs_dir`."""
+  out = {}
+  for name in sorted(os.listdir(configs_dir)):
+    if name.endswith(".py") and not name.startswith("_"):
+      with open(os.path.join(configs_dir, name)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+      out[f"configs/{name}"] = doc.strip().split("\n")[0]
+  return out
+
+
+def help_text(config: Optional[ml_collections.ConfigDict] = None,
+              config_spec: Optional[str] = None) -> str:
+  """The text after `--help`: recipes, methods, datasets, models, every config key.
+
+  config: the values to list (a recipe after overrides); None lists the defaults.
+  """
+  from mixjax import methods
+  from mixjax import models
+  width = max(len(k) for k in recipes())
+  recipe_lines = "\n".join(f"  {k:<{width}}  {v}" for k, v in recipes().items())
+  values = (f"config keys, with the values of {config_spec}" if config_spec
+            else "config keys and defaults (--help --config configs/x.py: that recipe's values)")
+  return f"""
+{__doc__.split(chr(10) * 2, 1)[1].rstrip()}
+
+recipes (--config configs/x.py[:arg]):
+{recipe_lines}
+
+methods (--config.method):
+{textwrap.indent(methods.__doc__.split(chr(10) * 2, 1)[1].strip(), "  ")}
+  bases: {", ".join(methods.BASES)}; wrappers: {", ".join(methods.WRAPPERS)}
+  examples: mixup, erm, untied+amp, dat, mixup+amp+mixupe, erm+mixupe, 'mixup,erm' (each in turn)
+
+datasets (--config.dataset.name): {", ".join(config_utils.DATASETS)}
+models (--config.model.name): {", ".join(models.list_models())}
+
+{values} (--config.key=value):
+{config_utils.describe(config)}
+
+compilation cache: compiled programs are kept in ${CACHE_ENV} (default
+{DEFAULT_CACHE_DIR}); --no_compilation_cache or {NO_CACHE_ENV}=1 turns it off.
+"""
+
+
+def _print_help(argv: Sequence[str], parser: argparse.ArgumentParser) -> None:
+  """`--help`/`-h`/`--config.help`: prints the help (with --config: that recipe's values)."""
+  argv = [a for a in argv if a != "--config.help"]
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--config", default=None)
+  known, _ = pre.parse_known_args([a for a in argv if a not in ("-h", "--help")])
   rest, overrides = config_utils.split_argv(argv)
+  config = None
+  if known.config or overrides:
+    config = config_utils.apply_overrides(
+        config_utils.load_config(known.config or DEFAULT_CONFIG), overrides)
+  parser.epilog = help_text(config, known.config)
+  parser.print_help()
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """Parses the command line into a validated config and the other flags.
+
+  `--help` (or `--config.help`) prints `help_text` and raises SystemExit(0).
+  """
+  rest, overrides = config_utils.split_argv([a for a in argv if a != "--config.help"])
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=DEFAULT_CONFIG,
@@ -332,6 +400,12 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--no_compilation_cache", action="store_true",
+                      help=f"do not keep compiled programs in ${CACHE_ENV} "
+                           f"(default {DEFAULT_CACHE_DIR}); or set {NO_CACHE_ENV}=1")
+  if {"-h", "--help", "--config.help"} & set(argv):
+    _print_help(argv, parser)
+    raise SystemExit(0)
   args = parser.parse_args(rest)
   config = config_utils.apply_overrides(config_utils.load_config(args.config), overrides)
   config_utils.validate(config)

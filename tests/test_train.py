@@ -6,6 +6,7 @@ and resume, two processes with jax.distributed) have hard timeouts.
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import signal
@@ -328,3 +329,57 @@ def test_bf16_compute_keeps_f32_master_weights():
   params = jax.tree_util.tree_leaves(res["state"].params)
   assert all(p.dtype == jnp.float32 for p in params)
   assert np.isfinite(res["train"]["loss"]) and 0 <= res["eval"]["top1"] <= 1
+
+
+# ----------------------------------------------------------------------------- first hour
+
+
+def test_help_lists_recipes_methods_datasets_and_every_key(capsys):
+  from mixjax import amp, methods, mixupe
+  with pytest.raises(SystemExit) as e:
+    train.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for name in os.listdir(os.path.join(ROOT, "configs")):  # Each recipe with its purpose.
+    with open(os.path.join(ROOT, "configs", name)) as f:
+      first = ast.get_docstring(ast.parse(f.read())).split("\n")[0]
+    assert f"configs/{name}" in out and first.strip() in out, name
+  for word in methods.BASES + methods.WRAPPERS + config_utils.DATASETS + amp.MODES:
+    assert word in out, word
+  assert str(list(mixupe.CLEAN_PASSES)) in out and str(list(mixupe.BATCH_STATS)) in out
+  assert "'same_class'" in out and "python train.py --config configs/cifar10" in out
+  for key, default in config_utils._flatten(config_utils.base_config()).items():
+    default = default.to_dict() if hasattr(default, "to_dict") else default
+    assert f"  {key} = {default!r}" in out, key
+  # A recipe's values, with the default where they differ.
+  uci = os.path.join(ROOT, "configs", "uci_mlp.py")
+  with pytest.raises(SystemExit):
+    train.main(["--config", uci, "--config.help", "--config.batch_size=7"])
+  out = capsys.readouterr().out
+  assert "  batch_size = 7  (default 128)" in out and "dataset.name = 'iris'" in out
+
+
+def test_choices_are_what_validate_accepts():
+  """Every listed value passes `validate`; an unlisted one fails naming the key."""
+  for key, allowed in config_utils.choices().items():
+    if key == "method":
+      continue
+    values = ast.literal_eval(allowed)
+    for value in values + ["no_such_value"]:
+      c = lib.tiny_config()
+      node, leaf = c, key
+      if "." in key:
+        group, leaf = key.split(".")
+        node = c[group]
+      node[leaf] = value
+      if key == "dataset.name" and value == "tfds":
+        c.dataset.tfds_name = "mnist"
+      if key == "dataset.input_dtype" and value == "int32":
+        c.mix.point = "Dense_0"
+      if key == "mix.pairing" and value != "reverse":
+        c.dataset.epoch_pairing = False
+      if value == "no_such_value":
+        with pytest.raises(ValueError, match=key):
+          config_utils.validate(c)
+      else:
+        config_utils.validate(c)
