@@ -207,11 +207,13 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   pending: list[tuple[int, dict]] = []
   result: dict[str, Any] = {"method": method, "preempted": False, "total_steps": steps}
   t_log, n_images = time.time(), 0
+  t_excluded = 0.0  # Seconds since t_log spent compiling: not part of img/s.
+  compiled: set[int] = set()  # id() of the step functions already compiled.
   skipped_steps: list[int] = []
 
   def flush() -> None:
     """Fetches pending metrics, stops on non-finite steps, writes the train record."""
-    nonlocal t_log, n_images
+    nonlocal t_log, n_images, t_excluded
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
@@ -228,11 +230,15 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         bar.write(f"[{method}] step {s}: non-finite loss/gradient, update skipped.")
     now = time.time()
     record = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
-    record["images_per_s"] = n_images / max(now - t_log, 1e-9)
+    if n_images:  # None when the interval held only compiling steps.
+      record["images_per_s"] = n_images / max(now - t_log - t_excluded, 1e-9)
     record["epoch"] = (steps_done[-1] + 1) / per_epoch
-    t_log, n_images = now, 0
+    t_log, n_images, t_excluded = now, 0, 0.0
     writer.write(steps_done[-1] + 1, "train", record)
-    bar.update(0, {"loss": record["loss"], "img/s": round(record["images_per_s"])})
+    postfix = {"loss": record["loss"]}
+    if "images_per_s" in record:
+      postfix["img/s"] = round(record["images_per_s"])
+    bar.update(0, postfix)
 
   def save(step: int) -> None:
     if ckpt is not None:
@@ -254,11 +260,25 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         break
       batch = next(device_batches)
       fn = p_erm_step if step < config.mix.erm_warmup_steps else p_step
+      compiling = id(fn) not in compiled
+      if compiling:
+        bar.write(f"[{method}] compiling the train step...")
+        t_compile = time.time()
       state, metrics = fn(state, batch)
+      if compiling:  # Its time (compile + one step) is kept out of img/s and the ETA.
+        jax.block_until_ready(metrics)
+        compiled.add(id(fn))
+        seconds = time.time() - t_compile
+        t_excluded += seconds
+        result["compile_s"] = result.get("compile_s", 0.0) + seconds
+        bar.write(f"[{method}] compiled the train step in {seconds:.1f} s")
+      else:
+        n_images += config.batch_size
       pending.append((step, metrics))
-      n_images += config.batch_size
       step += 1
       bar.update(1)
+      if compiling:
+        bar.restart_clock()
       if on_step is not None:
         on_step(step)
       if step % config.log_every_steps == 0 or step == last:
@@ -412,12 +432,32 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   return config, args
 
 
+def use_compilation_cache(disable: bool = False) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache; returns its folder (None when off).
+
+  The folder is $MIXJAX_CACHE_DIR, else $JAX_COMPILATION_CACHE_DIR, else
+  ~/.cache/mixjax/jax. Programs that took over 0.1 s to compile are kept, so a
+  second run of the same config (CPU ones included) loads its train step from
+  disk. Off with `disable` (--no_compilation_cache) or
+  MIXJAX_NO_COMPILATION_CACHE=1.
+  """
+  if disable or os.environ.get(NO_CACHE_ENV, "0") not in ("", "0"):
+    return None
+  path = os.path.expanduser(os.environ.get(CACHE_ENV) or
+                            os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE_DIR)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  return path
+
+
 def main(argv: Sequence[str]) -> int:
   try:
     config, args = parse_args(argv)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  use_compilation_cache(disable=args.no_compilation_cache)
   if args.coordinator_address or os.environ.get("MIXJAX_DISTRIBUTED"):
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)

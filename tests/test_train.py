@@ -383,3 +383,85 @@ def test_choices_are_what_validate_accepts():
           config_utils.validate(c)
       else:
         config_utils.validate(c)
+
+
+TINY_RECIPE = '''"""A tiny synthetic run: an MLP on 4 features, a few steps."""
+from mixjax import config_utils
+
+
+def get_config(arg=None):
+  c = config_utils.base_config()
+  c.model.name = "mlp"
+  c.dataset.name = "synthetic"
+  c.dataset.input_shape = (4,)
+  c.dataset.num_classes = 3
+  c.dataset.train_examples = 64
+  c.dataset.eval_examples = 32
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 3
+  c.progress_bar = False
+  return c
+'''
+
+
+def _train_py(args, cache_dir, tmp_path):
+  """Runs `python train.py ARGS` with MIXJAX_CACHE_DIR=cache_dir; returns (rc, output)."""
+  recipe = tmp_path / "tiny_recipe.py"
+  recipe.write_text(TINY_RECIPE)
+  env = dict(os.environ, MIXJAX_CACHE_DIR=str(cache_dir), PYTHONPATH=ROOT)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(recipe)]
+                        + list(args), env=env, capture_output=True, text=True, timeout=240)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_second_run_compiles_from_the_persistent_cache(tmp_path):
+  cache = tmp_path / "cache"
+  rc, out = _train_py(["--workdir", tmp_path / "one"], cache, tmp_path)
+  assert rc == 0, out
+  assert "compiling the train step..." in out and "compiled the train step in" in out, out
+  # Small programs near the 0.1 s threshold may or may not be kept; the steps are.
+  steps = lambda: sorted(f for f in os.listdir(cache)  # noqa: E731
+                         if f.startswith(("jit_train_step", "jit_eval_step", "jit_init")))
+  first = steps()
+  assert len(first) == 3, first
+  rc, out = _train_py(["--workdir", tmp_path / "two"], cache, tmp_path)
+  assert rc == 0, out
+  assert steps() == first, "the second run should load its steps from the cache"
+  # img/s leaves the compile step out: every record's rate is positive (none is 0).
+  from mixjax import metrics_writer
+  rates = [r.get("images_per_s") for r in
+           metrics_writer.read_jsonl(str(tmp_path / "two" / "metrics.jsonl"))
+           if r["kind"] == "train"]
+  assert rates and all(r is None or r > 0 for r in rates) and rates[-1] > 0, rates
+
+
+def test_compilation_cache_location_and_opt_out(tmp_path, monkeypatch):
+  monkeypatch.setenv("MIXJAX_CACHE_DIR", str(tmp_path / "c"))
+  assert train.use_compilation_cache(disable=True) is None
+  monkeypatch.setenv("MIXJAX_NO_COMPILATION_CACHE", "1")
+  assert train.use_compilation_cache() is None and not os.path.exists(tmp_path / "c")
+  monkeypatch.delenv("MIXJAX_NO_COMPILATION_CACHE")
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    assert train.use_compilation_cache() == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs <= 0.1
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def test_progress_bar_restart_clock_drops_the_compile_time():
+  from mixjax import metrics_writer
+  bar = metrics_writer.ProgressBar(100, 0, "x")
+  bar.update(1)
+  time.sleep(0.3)  # The compile step.
+  bar.update(1)
+  bar.restart_clock()
+  bar.update(3)
+  d = bar._bar.format_dict
+  bar.close()
+  assert d["n"] == 5 and d["initial"] == 2 and d["elapsed"] < 0.25, d
