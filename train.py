@@ -137,8 +137,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   `on_step`: called with the step number after each step is dispatched.
   """
   mesh = from_config.mesh(config)
+  check_before_data(config, mesh)
   ckpt = None
-  writer = metrics_writer.MetricsWriter(workdir)
   if workdir:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints)
@@ -160,8 +160,18 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   start = 0
   if ckpt is not None:
     state, start = restore_checkpoint(ckpt, state, method, workdir)
-    if start:
-      writer.truncate(start)
+  last = min(steps, max_steps) if max_steps else steps
+  final_eval = _final_eval(workdir, last) if start == last else None
+  if final_eval is not None:  # Already done: report it, write nothing.
+    data.train.close()
+    ckpt.close()
+    _log(f"[{method}] already finished: step {last} is checkpointed and evaluated in "
+         f"{workdir}; nothing to do (use another --workdir to train again).")
+    return {"method": method, "preempted": False, "total_steps": steps, "step": last,
+            "already_finished": True, "skipped_steps": [], "state": state, **final_eval}
+  writer = metrics_writer.MetricsWriter(workdir)
+  if start:
+    writer.truncate(start)
   if start and isinstance(data.train, input_pipeline.TrainIterator):
     data.train.step = start  # A pure function of the step: nothing else to restore.
   elif start:
@@ -200,7 +210,6 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     writer.write(step, "eval", record)
     return out
 
-  last = min(steps, max_steps) if max_steps else steps
   preempt = _Preemption()
   preempt.install()
   bar = metrics_writer.ProgressBar(last, start, desc=method, enabled=config.progress_bar)
@@ -302,6 +311,45 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.close()
     writer.close()
   return result
+
+
+def check_before_data(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Raises ValueError for what `config` and the devices decide alone, before data loads.
+
+  The global batch must split evenly over the mesh's devices, and a
+  warmup_cosine warm-up must be shorter than the run when both lengths are
+  known without the data (total_steps, or num_epochs with synthetic data).
+  """
+  shards = sharding.num_batch_shards(mesh)
+  if config.batch_size % shards:
+    fit = -(-config.batch_size // shards) * shards
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is split over {shards} devices "
+        f"(config.mesh_data={config.mesh_data}, config.mesh_fsdp={config.mesh_fsdp}, "
+        f"{jax.device_count()} devices) and must be a multiple of {shards}: use e.g. "
+        f"--config.batch_size={fit}, or fewer devices with --config.mesh_data.")
+  examples = config.dataset.train_examples if config.dataset.name == "synthetic" else 0
+  per_epoch = examples / config.batch_size if examples else None
+  steps = from_config.total_steps(config, examples)[0] if examples else config.total_steps
+  if steps and (config.schedule.warmup_steps or per_epoch):
+    optim.make_schedule(config, steps, per_epoch or 1.0)  # Raises for a warm-up >= steps.
+
+
+def _final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
+  """{'eval', 'eval_ema'?, 'train'} of a run whose eval at `step` is in workdir's logs, or None."""
+  path = os.path.join(workdir, "metrics.jsonl") if workdir else ""
+  if not os.path.exists(path):
+    return None
+  records = metrics_writer.read_jsonl(path)
+  evals = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+  if not evals:
+    return None
+  rec = evals[-1]
+  out = {"eval": {k: rec[k] for k in ("loss", "top1", "top5")},
+         "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
+  if "ema_top1" in rec:
+    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in ("loss", "top1", "top5")}
+  return out
 
 
 def _any_process(flag: bool, step: int, config) -> bool:

@@ -465,3 +465,47 @@ def test_progress_bar_restart_clock_drops_the_compile_time():
   d = bar._bar.format_dict
   bar.close()
   assert d["n"] == 5 and d["initial"] == 2 and d["elapsed"] < 0.25, d
+
+
+def test_rerunning_a_finished_run_writes_nothing(tmp_path, reference, capsys):
+  import shutil
+  ref_dir, ref = reference
+  w = str(tmp_path / "w")
+  shutil.copytree(ref_dir, w)
+  logs = {f: open(os.path.join(w, f), "rb").read() for f in ("metrics.jsonl", "eval.csv",
+                                                              "train.csv")}
+  tb = sorted(os.listdir(os.path.join(w, "tb")))
+  c = _resume_config()
+  capsys.readouterr()
+  again = train.train_and_evaluate(c, w, model=lib.TinyResNet())[0]
+  out = capsys.readouterr().out
+  assert "already finished: step 40" in out and "test accuracy" in out, out
+  assert again["already_finished"] and again["step"] == STEPS
+  assert again["eval"] == ref["eval"] and again["eval_ema"] == ref["eval_ema"]
+  for f, blob in logs.items():
+    assert open(os.path.join(w, f), "rb").read() == blob, f
+  assert sorted(os.listdir(os.path.join(w, "tb"))) == tb
+  _assert_trees_close(jax.device_get(again["state"].params), jax.device_get(ref["state"].params),
+                      atol=0)
+
+
+def test_config_and_device_checks_fail_before_loading_data(monkeypatch):
+  def no_data(*args, **kwargs):
+    raise AssertionError("data was loaded before the config checks")
+  monkeypatch.setattr(train.from_config, "data", no_data)
+  c = lib.tiny_config(steps=12)
+  c.mesh_data = 8
+  c.batch_size = 12  # Not a multiple of the 8 devices.
+  with pytest.raises(ValueError, match=r"batch_size=12 .* multiple of 8.*batch_size=16"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.batch_size = 16
+  c.schedule.warmup_steps = 20  # Longer than total_steps=12.
+  with pytest.raises(ValueError, match="warm-up"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.schedule.warmup_steps = 0
+  c.total_steps, c.num_epochs, c.schedule.warmup_epochs = 0, 1.0, 2.0  # Synthetic: 16 steps/epoch.
+  with pytest.raises(ValueError, match="warm-up"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.schedule.warmup_epochs = 0.5  # Passes the checks: the data is loaded next.
+  with pytest.raises(AssertionError, match="data was loaded"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
