@@ -17,6 +17,11 @@ step, PRNG, data position). SIGTERM saves a checkpoint and exits cleanly.
 Multi-host: pass `--coordinator_address host:port --num_processes N
 --process_id i` (or set MIXJAX_DISTRIBUTED=1 to let
 `jax.distributed.initialize()` detect the cluster).
+`--help` lists the recipes, methods, datasets, models and every config key
+(`--help --config configs/x.py`: that recipe's values). Compiled programs are
+kept in ~/.cache/mixjax/jax ($MIXJAX_CACHE_DIR; off with
+--no_compilation_cache), so a second run skips most compiling. A run whose
+final step is checkpointed and evaluated says so and exits, writing nothing.
 """
 
 from __future__ import annotations
