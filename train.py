@@ -1,4 +1,4 @@
-"""Trains a model with ERM or a mixup-family method: the one entry point.
+r"""Trains a model with ERM or a mixup-family method: the one entry point.
 
     python train.py                      # configs/digits.py: mixup and ERM on digits, CPU
     python train.py --config configs/cifar10_preactresnet18.py --workdir /tmp/c10 \
@@ -17,15 +17,22 @@ step, PRNG, data position). SIGTERM saves a checkpoint and exits cleanly.
 Multi-host: pass `--coordinator_address host:port --num_processes N
 --process_id i` (or set MIXJAX_DISTRIBUTED=1 to let
 `jax.distributed.initialize()` detect the cluster).
+`--help` lists the recipes, methods, datasets, models and every config key
+(`--help --config configs/x.py`: that recipe's values). Compiled programs are
+kept in ~/.cache/mixjax/jax ($MIXJAX_CACHE_DIR; off with
+--no_compilation_cache), so a second run skips most compiling. A run whose
+final step is checkpointed and evaluated says so and exits, writing nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import os
 import signal
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -49,6 +56,9 @@ from mixjax import study
 from mixjax import train_step as ts
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+CACHE_ENV = "MIXJAX_CACHE_DIR"  # JAX's persistent compilation cache (see `use_compilation_cache`).
+NO_CACHE_ENV = "MIXJAX_NO_COMPILATION_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mixjax", "jax")
 
 
 class _Preemption:
@@ -133,8 +143,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   `on_step`: called with the step number after each step is dispatched.
   """
   mesh = from_config.mesh(config)
+  check_before_data(config, mesh)
   ckpt = None
-  writer = metrics_writer.MetricsWriter(workdir)
   if workdir:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints)
@@ -156,8 +166,18 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   start = 0
   if ckpt is not None:
     state, start = restore_checkpoint(ckpt, state, method, workdir)
-    if start:
-      writer.truncate(start)
+  last = min(steps, max_steps) if max_steps else steps
+  final_eval = _final_eval(workdir, last) if start == last else None
+  if final_eval is not None:  # Already done: report it, write nothing.
+    data.train.close()
+    ckpt.close()
+    _log(f"[{method}] already finished: step {last} is checkpointed and evaluated in "
+         f"{workdir}; nothing to do (use another --workdir to train again).")
+    return {"method": method, "preempted": False, "total_steps": steps, "step": last,
+            "already_finished": True, "skipped_steps": [], "state": state, **final_eval}
+  writer = metrics_writer.MetricsWriter(workdir)
+  if start:
+    writer.truncate(start)
   if start and isinstance(data.train, input_pipeline.TrainIterator):
     data.train.step = start  # A pure function of the step: nothing else to restore.
   elif start:
@@ -202,18 +222,19 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     writer.write(step, "eval", record)
     return out
 
-  last = min(steps, max_steps) if max_steps else steps
   preempt = _Preemption()
   preempt.install()
   bar = metrics_writer.ProgressBar(last, start, desc=method, enabled=config.progress_bar)
   pending: list[tuple[int, dict]] = []
   result: dict[str, Any] = {"method": method, "preempted": False, "total_steps": steps}
   t_log, n_images = time.time(), 0
+  t_excluded = 0.0  # Seconds since t_log spent compiling: not part of img/s.
+  compiled: set[int] = set()  # id() of the step functions already compiled.
   skipped_steps: list[int] = []
 
   def flush() -> None:
     """Fetches pending metrics, stops on non-finite steps, writes the train record."""
-    nonlocal t_log, n_images
+    nonlocal t_log, n_images, t_excluded
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
@@ -230,11 +251,15 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         bar.write(f"[{method}] step {s}: non-finite loss/gradient, update skipped.")
     now = time.time()
     record = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
-    record["images_per_s"] = n_images / max(now - t_log, 1e-9)
+    if n_images:  # None when the interval held only compiling steps.
+      record["images_per_s"] = n_images / max(now - t_log - t_excluded, 1e-9)
     record["epoch"] = (steps_done[-1] + 1) / per_epoch
-    t_log, n_images = now, 0
+    t_log, n_images, t_excluded = now, 0, 0.0
     writer.write(steps_done[-1] + 1, "train", record)
-    bar.update(0, {"loss": record["loss"], "img/s": round(record["images_per_s"])})
+    postfix = {"loss": record["loss"]}
+    if "images_per_s" in record:
+      postfix["img/s"] = round(record["images_per_s"])
+    bar.update(0, postfix)
 
   def save(step: int) -> None:
     if ckpt is not None:
@@ -256,11 +281,25 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
         break
       batch = next(device_batches)
       fn = p_erm_step if step < config.mix.erm_warmup_steps else p_step
+      compiling = id(fn) not in compiled
+      if compiling:
+        bar.write(f"[{method}] compiling the train step...")
+        t_compile = time.time()
       state, metrics = fn(state, batch)
+      if compiling:  # Its time (compile + one step) is kept out of img/s and the ETA.
+        jax.block_until_ready(metrics)
+        compiled.add(id(fn))
+        seconds = time.time() - t_compile
+        t_excluded += seconds
+        result["compile_s"] = result.get("compile_s", 0.0) + seconds
+        bar.write(f"[{method}] compiled the train step in {seconds:.1f} s")
+      else:
+        n_images += config.batch_size
       pending.append((step, metrics))
-      n_images += config.batch_size
       step += 1
       bar.update(1)
+      if compiling:
+        bar.restart_clock()
       if on_step is not None:
         on_step(step)
       if step % config.log_every_steps == 0 or step == last:
@@ -284,6 +323,45 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.close()
     writer.close()
   return result
+
+
+def check_before_data(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Raises ValueError for what `config` and the devices decide alone, before data loads.
+
+  The global batch must split evenly over the mesh's devices, and a
+  warmup_cosine warm-up must be shorter than the run when both lengths are
+  known without the data (total_steps, or num_epochs with synthetic data).
+  """
+  shards = sharding.num_batch_shards(mesh)
+  if config.batch_size % shards:
+    fit = -(-config.batch_size // shards) * shards
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is split over {shards} devices "
+        f"(config.mesh_data={config.mesh_data}, config.mesh_fsdp={config.mesh_fsdp}, "
+        f"{jax.device_count()} devices) and must be a multiple of {shards}: use e.g. "
+        f"--config.batch_size={fit}, or fewer devices with --config.mesh_data.")
+  examples = config.dataset.train_examples if config.dataset.name == "synthetic" else 0
+  per_epoch = examples / config.batch_size if examples else None
+  steps = from_config.total_steps(config, examples)[0] if examples else config.total_steps
+  if steps and (config.schedule.warmup_steps or per_epoch):
+    optim.make_schedule(config, steps, per_epoch or 1.0)  # Raises for a warm-up >= steps.
+
+
+def _final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
+  """{'eval', 'eval_ema'?, 'train'} of a run whose eval at `step` is in workdir's logs, or None."""
+  path = os.path.join(workdir, "metrics.jsonl") if workdir else ""
+  if not os.path.exists(path):
+    return None
+  records = metrics_writer.read_jsonl(path)
+  evals = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+  if not evals:
+    return None
+  rec = evals[-1]
+  out = {"eval": {k: rec[k] for k in ("loss", "top1", "top5")},
+         "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
+  if "ema_top1" in rec:
+    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in ("loss", "top1", "top5")}
+  return out
 
 
 def _any_process(flag: bool, step: int, config) -> bool:
@@ -337,9 +415,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   return results
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-  """Parses the command line into a validated config and the other flags."""
+def recipes(configs_dir: str = os.path.dirname(DEFAULT_CONFIG)) -> dict[str, str]:
+  """{'configs/x.py': the first line of its docstring} for each recipe in `configs_dir`."""
+  out = {}
+  for name in sorted(os.listdir(configs_dir)):
+    if name.endswith(".py") and not name.startswith("_"):
+      with open(os.path.join(configs_dir, name)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+      out[f"configs/{name}"] = doc.strip().split("\n")[0]
+  return out
+
+
+def help_text(config: Optional[ml_collections.ConfigDict] = None,
+              config_spec: Optional[str] = None) -> str:
+  """The text after `--help`: recipes, methods, datasets, models, every config key.
+
+  config: the values to list (a recipe after overrides); None lists the defaults.
+  """
+  from mixjax import methods
+  from mixjax import models
+  width = max(len(k) for k in recipes())
+  recipe_lines = "\n".join(f"  {k:<{width}}  {v}" for k, v in recipes().items())
+  values = (f"config keys, with the values of {config_spec}" if config_spec
+            else "config keys and defaults (--help --config configs/x.py: that recipe's values)")
+  return f"""
+{__doc__.split(chr(10) * 2, 1)[1].rstrip()}
+
+recipes (--config configs/x.py[:arg]):
+{recipe_lines}
+
+methods (--config.method):
+{textwrap.indent(methods.__doc__.split(chr(10) * 2, 1)[1].strip(), "  ")}
+  bases: {", ".join(methods.BASES)}; wrappers: {", ".join(methods.WRAPPERS)}
+  examples: mixup, erm, untied+amp, dat, mixup+amp+mixupe, erm+mixupe, 'mixup,erm' (each in turn)
+
+datasets (--config.dataset.name): {", ".join(config_utils.DATASETS)}
+models (--config.model.name): {", ".join(models.list_models())}
+
+{values} (--config.key=value):
+{config_utils.describe(config)}
+
+compilation cache: compiled programs are kept in ${CACHE_ENV} (default
+{DEFAULT_CACHE_DIR}); --no_compilation_cache or {NO_CACHE_ENV}=1 turns it off.
+"""
+
+
+def _print_help(argv: Sequence[str], parser: argparse.ArgumentParser) -> None:
+  """`--help`/`-h`/`--config.help`: prints the help (with --config: that recipe's values)."""
+  argv = [a for a in argv if a != "--config.help"]
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--config", default=None)
+  known, _ = pre.parse_known_args([a for a in argv if a not in ("-h", "--help")])
   rest, overrides = config_utils.split_argv(argv)
+  config = None
+  if known.config or overrides:
+    config = config_utils.apply_overrides(
+        config_utils.load_config(known.config or DEFAULT_CONFIG), overrides)
+  parser.epilog = help_text(config, known.config)
+  parser.print_help()
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """Parses the command line into a validated config and the other flags.
+
+  `--help` (or `--config.help`) prints `help_text` and raises SystemExit(0).
+  """
+  rest, overrides = config_utils.split_argv([a for a in argv if a != "--config.help"])
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=DEFAULT_CONFIG,
@@ -351,10 +492,35 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--no_compilation_cache", action="store_true",
+                      help=f"do not keep compiled programs in ${CACHE_ENV} "
+                           f"(default {DEFAULT_CACHE_DIR}); or set {NO_CACHE_ENV}=1")
+  if {"-h", "--help", "--config.help"} & set(argv):
+    _print_help(argv, parser)
+    raise SystemExit(0)
   args = parser.parse_args(rest)
   config = config_utils.apply_overrides(config_utils.load_config(args.config), overrides)
   config_utils.validate(config)
   return config, args
+
+
+def use_compilation_cache(disable: bool = False) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache; returns its folder (None when off).
+
+  The folder is $MIXJAX_CACHE_DIR, else $JAX_COMPILATION_CACHE_DIR, else
+  ~/.cache/mixjax/jax. Programs that took over 0.1 s to compile are kept, so a
+  second run of the same config (CPU ones included) loads its train step from
+  disk. Off with `disable` (--no_compilation_cache) or
+  MIXJAX_NO_COMPILATION_CACHE=1.
+  """
+  if disable or os.environ.get(NO_CACHE_ENV, "0") not in ("", "0"):
+    return None
+  path = os.path.expanduser(os.environ.get(CACHE_ENV) or
+                            os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE_DIR)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  return path
 
 
 def main(argv: Sequence[str]) -> int:
@@ -363,6 +529,7 @@ def main(argv: Sequence[str]) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  use_compilation_cache(disable=args.no_compilation_cache)
   if args.coordinator_address or os.environ.get("MIXJAX_DISTRIBUTED"):
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)

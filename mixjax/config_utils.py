@@ -336,3 +336,74 @@ def validate(config: ConfigDict) -> None:
       methods_lib.parse(m) != ("erm", ()) for m in runs):
     raise ValueError("Integer inputs (token ids) cannot be mixed: set config.mix.point to a "
                      "submodule (e.g. the embedding) for mixing methods.")
+
+
+def choices() -> dict[str, str]:
+  """{config key: its allowed values, as text}, read from the library's registries.
+
+  Only fields with a closed set of values (or a grammar, for `method`) appear;
+  `validate` accepts exactly these values.
+  """
+  grammar = (f"a base {list(methods_lib.BASES)} joined with '+' to wrappers "
+             f"{list(methods_lib.WRAPPERS)}; ','-separated: train each in turn")
+  return {
+      "method": grammar,
+      "mix.pairing": str(sorted(pairing_lib._REGISTRY)),  # pylint: disable=protected-access
+      "mix.loss": str(list(methods_lib.LOSSES)),
+      "amp.mode": str(list(amp_lib.MODES)),
+      "mixupe.mean": str(["running", "batch"]),
+      "mixupe.clean_pass": str(list(mixupe_lib.CLEAN_PASSES)),
+      "mixupe.batch_stats": str(list(mixupe_lib.BATCH_STATS)),
+      "model.dtype": str(["float32", "bfloat16", "float16"]),
+      "dataset.name": str(list(DATASETS)),
+      "dataset.augment": str(list(AUGMENTS)),
+      "dataset.input_dtype": str(["float32", "int32"]),
+      "optimizer.name": str(list(OPTIMIZERS)),
+      "schedule.name": str(list(SCHEDULES)),
+      "nan_policy": str(["stop", "skip"]),
+  }
+
+
+def _comments() -> dict[str, str]:
+  """{key: the comment next to it in `base_config`'s source} (its one-line description)."""
+  import inspect  # Only the help text needs the source.
+  out, group = {}, ""
+  for line in inspect.getsource(base_config).splitlines():
+    text, _, comment = line.partition("#")
+    opened = text.strip().startswith("c.") and "ConfigDict(dict(" in text
+    if opened:
+      group = text.strip()[2:].split("=")[0].strip() + "."
+    key = text.strip()[2:] if text.strip().startswith("c.") else text.strip()
+    key = key.split("=")[0].strip()
+    if comment and key.isidentifier() and not opened:
+      out[(group if not text.strip().startswith("c.") else "") + key] = comment.strip()
+    if text.strip() == "))":
+      group = ""
+  return out
+
+
+def describe(config: Optional[ConfigDict] = None) -> str:
+  """Every config key, one a line: `key = value`, the default, allowed values, description.
+
+  config: a recipe's config; its values are shown, with the `base_config()`
+  default where they differ (None: the defaults).
+  """
+  defaults = _flatten(base_config())
+  values = _flatten(config) if config is not None else defaults
+  allowed, notes = choices(), _comments()
+  lines = []
+  for key, default in defaults.items():
+    value = values.get(key, default)
+    if isinstance(value, ConfigDict):
+      value = value.to_dict()
+    if isinstance(default, ConfigDict):
+      default = default.to_dict()
+    line = f"  {key} = {value!r}"
+    if value != default:
+      line += f"  (default {default!r})"
+    if key in allowed:
+      line += f"  one of: {allowed[key]}"
+    if key in notes:
+      line += f"  # {notes[key]}"
+    lines.append(line)
+  return "\n".join(lines)

@@ -239,6 +239,15 @@ class ProgressBar:
                              for k, v in postfix.items()}, refresh=False)
     self._bar.update(n)
 
+  def restart_clock(self) -> None:
+    """Measures the rate and ETA from now on (drops the time so far: the compile step's)."""
+    if self._bar is None:
+      return
+    done = self._bar.n
+    self._bar.reset(total=self._bar.total)  # Restarts the clock and the rate's running mean,
+    self._bar.initial = self._bar.n = self._bar.last_print_n = done  # keeping the steps done.
+    self._bar.refresh()
+
   def write(self, text: str) -> None:
     if self._bar is not None:
       self._bar.write(text)

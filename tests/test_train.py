@@ -6,6 +6,7 @@ and resume, two processes with jax.distributed) have hard timeouts.
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import signal
@@ -328,3 +329,183 @@ def test_bf16_compute_keeps_f32_master_weights():
   params = jax.tree_util.tree_leaves(res["state"].params)
   assert all(p.dtype == jnp.float32 for p in params)
   assert np.isfinite(res["train"]["loss"]) and 0 <= res["eval"]["top1"] <= 1
+
+
+# ----------------------------------------------------------------------------- first hour
+
+
+def test_help_lists_recipes_methods_datasets_and_every_key(capsys):
+  from mixjax import amp, methods, mixupe
+  with pytest.raises(SystemExit) as e:
+    train.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for name in os.listdir(os.path.join(ROOT, "configs")):  # Each recipe with its purpose.
+    with open(os.path.join(ROOT, "configs", name)) as f:
+      first = ast.get_docstring(ast.parse(f.read())).split("\n")[0]
+    assert f"configs/{name}" in out and first.strip() in out, name
+  for word in methods.BASES + methods.WRAPPERS + config_utils.DATASETS + amp.MODES:
+    assert word in out, word
+  assert str(list(mixupe.CLEAN_PASSES)) in out and str(list(mixupe.BATCH_STATS)) in out
+  assert "'same_class'" in out and "python train.py --config configs/cifar10" in out
+  for key, default in config_utils._flatten(config_utils.base_config()).items():
+    default = default.to_dict() if hasattr(default, "to_dict") else default
+    assert f"  {key} = {default!r}" in out, key
+  # A recipe's values, with the default where they differ.
+  uci = os.path.join(ROOT, "configs", "uci_mlp.py")
+  with pytest.raises(SystemExit):
+    train.main(["--config", uci, "--config.help", "--config.batch_size=7"])
+  out = capsys.readouterr().out
+  assert "  batch_size = 7  (default 128)" in out and "dataset.name = 'iris'" in out
+
+
+def test_choices_are_what_validate_accepts():
+  """Every listed value passes `validate`; an unlisted one fails naming the key."""
+  for key, allowed in config_utils.choices().items():
+    if key == "method":
+      continue
+    values = ast.literal_eval(allowed)
+    for value in values + ["no_such_value"]:
+      c = lib.tiny_config()
+      node, leaf = c, key
+      if "." in key:
+        group, leaf = key.split(".")
+        node = c[group]
+      node[leaf] = value
+      if key == "dataset.name" and value == "tfds":
+        c.dataset.tfds_name = "mnist"
+      if key == "dataset.input_dtype" and value == "int32":
+        c.mix.point = "Dense_0"
+      if key == "mix.pairing" and value != "reverse":
+        c.dataset.epoch_pairing = False
+      if value == "no_such_value":
+        with pytest.raises(ValueError, match=key):
+          config_utils.validate(c)
+      else:
+        config_utils.validate(c)
+
+
+TINY_RECIPE = '''"""A tiny synthetic run: an MLP on 4 features, a few steps."""
+from mixjax import config_utils
+
+
+def get_config(arg=None):
+  c = config_utils.base_config()
+  c.model.name = "mlp"
+  c.dataset.name = "synthetic"
+  c.dataset.input_shape = (4,)
+  c.dataset.num_classes = 3
+  c.dataset.train_examples = 64
+  c.dataset.eval_examples = 32
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 3
+  c.progress_bar = False
+  return c
+'''
+
+
+def _train_py(args, cache_dir, tmp_path):
+  """Runs `python train.py ARGS` with MIXJAX_CACHE_DIR=cache_dir; returns (rc, output)."""
+  recipe = tmp_path / "tiny_recipe.py"
+  recipe.write_text(TINY_RECIPE)
+  env = dict(os.environ, MIXJAX_CACHE_DIR=str(cache_dir), PYTHONPATH=ROOT)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(recipe)]
+                        + list(args), env=env, capture_output=True, text=True, timeout=240)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_second_run_compiles_from_the_persistent_cache(tmp_path):
+  cache = tmp_path / "cache"
+  rc, out = _train_py(["--workdir", tmp_path / "one"], cache, tmp_path)
+  assert rc == 0, out
+  assert "compiling the train step..." in out and "compiled the train step in" in out, out
+  # Small programs near the 0.1 s threshold may or may not be kept; the steps are.
+  steps = lambda: sorted(f for f in os.listdir(cache)  # noqa: E731
+                         if f.startswith(("jit_train_step", "jit_eval_step", "jit_init")))
+  first = steps()
+  assert len(first) == 3, first
+  rc, out = _train_py(["--workdir", tmp_path / "two"], cache, tmp_path)
+  assert rc == 0, out
+  assert steps() == first, "the second run should load its steps from the cache"
+  # img/s leaves the compile step out: every record's rate is positive (none is 0).
+  from mixjax import metrics_writer
+  rates = [r.get("images_per_s") for r in
+           metrics_writer.read_jsonl(str(tmp_path / "two" / "metrics.jsonl"))
+           if r["kind"] == "train"]
+  assert rates and all(r is None or r > 0 for r in rates) and rates[-1] > 0, rates
+
+
+def test_compilation_cache_location_and_opt_out(tmp_path, monkeypatch):
+  monkeypatch.setenv("MIXJAX_CACHE_DIR", str(tmp_path / "c"))
+  assert train.use_compilation_cache(disable=True) is None
+  monkeypatch.setenv("MIXJAX_NO_COMPILATION_CACHE", "1")
+  assert train.use_compilation_cache() is None and not os.path.exists(tmp_path / "c")
+  monkeypatch.delenv("MIXJAX_NO_COMPILATION_CACHE")
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    assert train.use_compilation_cache() == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs <= 0.1
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def test_progress_bar_restart_clock_drops_the_compile_time():
+  from mixjax import metrics_writer
+  bar = metrics_writer.ProgressBar(100, 0, "x")
+  bar.update(1)
+  time.sleep(0.3)  # The compile step.
+  bar.update(1)
+  bar.restart_clock()
+  bar.update(3)
+  d = bar._bar.format_dict
+  bar.close()
+  assert d["n"] == 5 and d["initial"] == 2 and d["elapsed"] < 0.25, d
+
+
+def test_rerunning_a_finished_run_writes_nothing(tmp_path, reference, capsys):
+  import shutil
+  ref_dir, ref = reference
+  w = str(tmp_path / "w")
+  shutil.copytree(ref_dir, w)
+  logs = {f: open(os.path.join(w, f), "rb").read() for f in ("metrics.jsonl", "eval.csv",
+                                                              "train.csv")}
+  tb = sorted(os.listdir(os.path.join(w, "tb")))
+  c = _resume_config()
+  capsys.readouterr()
+  again = train.train_and_evaluate(c, w, model=lib.TinyResNet())[0]
+  out = capsys.readouterr().out
+  assert "already finished: step 40" in out and "test accuracy" in out, out
+  assert again["already_finished"] and again["step"] == STEPS
+  assert again["eval"] == ref["eval"] and again["eval_ema"] == ref["eval_ema"]
+  for f, blob in logs.items():
+    assert open(os.path.join(w, f), "rb").read() == blob, f
+  assert sorted(os.listdir(os.path.join(w, "tb"))) == tb
+  _assert_trees_close(jax.device_get(again["state"].params), jax.device_get(ref["state"].params),
+                      atol=0)
+
+
+def test_config_and_device_checks_fail_before_loading_data(monkeypatch):
+  def no_data(*args, **kwargs):
+    raise AssertionError("data was loaded before the config checks")
+  monkeypatch.setattr(train.from_config, "data", no_data)
+  c = lib.tiny_config(steps=12)
+  c.mesh_data = 8
+  c.batch_size = 12  # Not a multiple of the 8 devices.
+  with pytest.raises(ValueError, match=r"batch_size=12 .* multiple of 8.*batch_size=16"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.batch_size = 16
+  c.schedule.warmup_steps = 20  # Longer than total_steps=12.
+  with pytest.raises(ValueError, match="warm-up"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.schedule.warmup_steps = 0
+  c.total_steps, c.num_epochs, c.schedule.warmup_epochs = 0, 1.0, 2.0  # Synthetic: 16 steps/epoch.
+  with pytest.raises(ValueError, match="warm-up"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
+  c.schedule.warmup_epochs = 0.5  # Passes the checks: the data is loaded next.
+  with pytest.raises(AssertionError, match="data was loaded"):
+    train.train_one(c, c.method, None, model=lib.TinyMLP())
