@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import json
 import os
 import signal
 import sys
@@ -112,12 +113,40 @@ def create_train_state(config: ml_collections.ConfigDict, module: Any,
   return jax.jit(init, out_shardings=state_sharding)(), state_sharding
 
 
+# Config keys that may change between a run and its resumption (logging, checkpoint
+# cadence, where the data live); any other change needs allow_config_change.
+RESUME_FREE_KEYS = ("method", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                    "keep_checkpoints", "progress_bar", "eval_batch_size", "dataset.prefetch",
+                    "dataset.data_dir")
+
+
+def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat_json(v, f"{prefix}{k}."))
+  return out
+
+
+def config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+  """'key: saved -> now' for each config key (outside RESUME_FREE_KEYS) that differs."""
+  saved, now = _flat_json(json.loads(saved_json)), _flat_json(json.loads(config.to_json()))
+  missing = "<absent>"
+  return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
+          for k in sorted(set(saved) | set(now))
+          if k not in RESUME_FREE_KEYS and saved.get(k, missing) != now.get(k, missing)]
+
+
 def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, method: str,
-                       workdir: str) -> tuple[ts.TrainState, int]:
+                       workdir: str, config: Optional[ml_collections.ConfigDict] = None,
+                       allow_config_change: bool = False) -> tuple[ts.TrainState, int]:
   """(state, step) of the latest readable checkpoint in `ckpt`, or (`state`, 0) if none.
 
-  Raises ValueError when the checkpoint is of another method or its data
-  position is not its step.
+  Raises ValueError when the checkpoint is of another method, of another
+  model (`checkpointing.IncompatibleCheckpointError`, naming the first
+  differing leaf), its data position is not its step, or it was written with
+  another `config` (naming the keys; `allow_config_change=True` resumes anyway).
   """
   restored = ckpt.restore_latest(state)
   if restored is None:
@@ -129,18 +158,28 @@ def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, m
   if meta.get("method", method) != method:
     raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
                      f"not {method!r}; use another --workdir.")
+  changes = config_changes(meta["config"], config) if config and "config" in meta else []
+  if changes and not allow_config_change:
+    raise ValueError(
+        f"{workdir} holds a checkpoint (step {start}) written with another config: "
+        f"{'; '.join(changes)}. Resume with the saved values, use another --workdir, or pass "
+        "--allow_config_change (train.py) / allow_config_change=True to resume anyway.")
+  if changes:
+    _log(f"[{method}] WARNING: resuming with a changed config: {'; '.join(changes)}")
   _log(f"[{method}] resumed from step {start} in {workdir}")
   return state, start
 
 
 def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[str], *,
               model: Any = None, max_steps: Optional[int] = None,
-              on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+              on_step: Optional[Callable[[int], None]] = None,
+              allow_config_change: bool = False) -> dict[str, Any]:
   """Trains one method; returns {'method', 'step', 'eval', 'eval_ema', 'preempted', 'state', ...}.
 
   `model`: a linen module (default: from `config.model` through the registry).
   `max_steps`: stop after this global step (the schedule still uses total_steps).
   `on_step`: called with the step number after each step is dispatched.
+  `allow_config_change`: resume a checkpoint written with other config values.
   """
   mesh = from_config.mesh(config)
   check_before_data(config, mesh)
@@ -156,6 +195,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   apply_eval = _f32_outputs(adapters.make_apply(module, train=False))
 
   data = from_config.data(config, mesh, start_step=0)
+  check_labels(config, data)
   steps, per_epoch = from_config.total_steps(config, data.train_examples)
   schedule = optim.make_schedule(config, steps, per_epoch)
   tx = optim.make_optimizer(config, schedule)
@@ -165,7 +205,13 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   state, state_sharding = create_train_state(config, module, objective, tx, mesh)
   start = 0
   if ckpt is not None:
-    state, start = restore_checkpoint(ckpt, state, method, workdir)
+    try:
+      state, start = restore_checkpoint(ckpt, state, method, workdir, config,
+                                        allow_config_change)
+    except BaseException:
+      data.train.close()
+      ckpt.close()
+      raise
   last = min(steps, max_steps) if max_steps else steps
   final_eval = _final_eval(workdir, last) if start == last else None
   if final_eval is not None:  # Already done: report it, write nothing.
@@ -332,6 +378,9 @@ def check_before_data(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   warmup_cosine warm-up must be shorter than the run when both lengths are
   known without the data (total_steps, or num_epochs with synthetic data).
   """
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
   shards = sharding.num_batch_shards(mesh)
   if config.batch_size % shards:
     fit = -(-config.batch_size // shards) * shards
@@ -357,11 +406,29 @@ def _final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
   if not evals:
     return None
   rec = evals[-1]
-  out = {"eval": {k: rec[k] for k in ("loss", "top1", "top5")},
+  keys = ("loss", "top1", "top5", "ece", "fgsm_top1")
+  out = {"eval": {k: rec[k] for k in keys if k in rec},
          "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
   if "ema_top1" in rec:
-    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in ("loss", "top1", "top5")}
+    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in keys if f"ema_{k}" in rec}
   return out
+
+
+def check_labels(config: ml_collections.ConfigDict, data: from_config.Data) -> None:
+  """Raises ValueError if the training labels fall outside [0, config.dataset.num_classes).
+
+  Checked for in-memory datasets (TFDS streams are not scanned).
+  """
+  labels = getattr(getattr(data.train, "dataset", None), "labels", None)
+  if labels is None or not len(labels):
+    return
+  lo, hi, n = int(np.min(labels)), int(np.max(labels)), config.dataset.num_classes
+  if lo < 0 or hi >= n:
+    data.train.close()
+    raise ValueError(f"config.dataset.num_classes={n} but the training labels of dataset "
+                     f"{config.dataset.name!r} span [{lo}, {hi}]; set "
+                     f"config.dataset.num_classes to at least {hi + 1} (labels must be "
+                     "0..num_classes-1).")
 
 
 def _any_process(flag: bool, step: int, config) -> bool:
@@ -379,7 +446,8 @@ def _log(text: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None, *,
                        model: Any = None, max_steps: Optional[int] = None,
-                       on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+                       on_step: Optional[Callable[[int], None]] = None,
+                       allow_config_change: bool = False) -> list[dict[str, Any]]:
   """Validates `config` and trains each of its methods in turn; returns their results."""
   config_utils.validate(config)
   methods = config_utils.methods(config)
@@ -394,7 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
     tag = run.method if not is_study else f"{run.method}, seed {run.seed}" + (
         f", {100 * run.corruption:g}% corrupted labels" if run.corruption else "")
     res = train_one(study.config_for(config, run), run.method, sub, model=model,
-                    max_steps=max_steps, on_step=on_step)
+                    max_steps=max_steps, on_step=on_step,
+                    allow_config_change=allow_config_change)
     results.append(res)
     if res["preempted"]:
       break
@@ -489,6 +558,8 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
                       help="checkpoints and logs; an existing checkpoint is resumed")
   parser.add_argument("--max_steps", type=int, default=None,
                       help="stop after this step (schedules still use config.total_steps)")
+  parser.add_argument("--allow_config_change", action="store_true",
+                      help="resume a checkpoint written with other config values")
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
@@ -534,7 +605,8 @@ def main(argv: Sequence[str]) -> int:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
   try:
-    train_and_evaluate(config, args.workdir, max_steps=args.max_steps)
+    train_and_evaluate(config, args.workdir, max_steps=args.max_steps,
+                       allow_config_change=args.allow_config_change)
   except (ValueError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

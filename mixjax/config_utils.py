@@ -269,6 +269,17 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     raise ValueError(f"config.{name}={value!r} is not allowed; choose one of {list(allowed)}.")
 
 
+# Integer fields (validate refuses bools and floats) and those that may not be negative.
+INTEGER_KEYS = ("seed", "batch_size", "eval_batch_size", "total_steps", "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "mesh_data",
+                "mesh_fsdp", "optimizer.grad_accum_steps", "dataset.num_classes",
+                "dataset.train_examples", "dataset.eval_examples", "mix.erm_warmup_steps",
+                "schedule.warmup_steps")
+NON_NEGATIVE_KEYS = ("seed", "eval_batch_size", "total_steps", "eval_every_steps",
+                     "num_epochs", "dataset.train_examples", "dataset.eval_examples",
+                     "mix.erm_warmup_steps", "schedule.warmup_steps")
+
+
 def validate(config: ConfigDict) -> None:
   """Checks every value that can be checked without data or devices (ValueError)."""
   check_schema(config)
@@ -315,7 +326,18 @@ def validate(config: ConfigDict) -> None:
   if not 0.0 <= config.dataset.label_corruption <= 1.0:
     raise ValueError(f"config.dataset.label_corruption must be in [0, 1], got "
                      f"{config.dataset.label_corruption}.")
+  flat = _flatten(config)
+  for name in INTEGER_KEYS:  # bools are ints to Python: True would pass as batch size 1.
+    value = flat.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"config.{name} must be an integer, got {value!r} "
+                       f"({type(value).__name__}); pass e.g. --config.{name}="
+                       f"{_flatten(base_config())[name]}.")
+  for name in NON_NEGATIVE_KEYS:
+    if flat[name] < 0:
+      raise ValueError(f"config.{name} must be >= 0, got {flat[name]!r}.")
   positive = {"batch_size": config.batch_size, "mix.alpha": config.mix.alpha,
+              "checkpoint_every_steps": config.checkpoint_every_steps,
               "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
               "log_every_steps": config.log_every_steps,
               "keep_checkpoints": config.keep_checkpoints, "mesh_fsdp": config.mesh_fsdp,

@@ -7,6 +7,11 @@
 format is a fixed 4-field protobuf, so TensorFlow is not needed).
 Only process 0 writes. On resume, `truncate(step)` drops records of steps
 after the restored checkpoint so the logs read like an uninterrupted run.
+
+A record's kind names a CSV file, so it must match `KIND_PATTERN` (a short
+lower-case identifier): `write` refuses other kinds, and `truncate` drops
+records read back from `metrics.jsonl` whose kind or step is malformed (a
+warning on stderr), so nothing read from a workdir can name a path outside it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import struct
+import sys
 import time
 from typing import Any, Iterable, Optional
 
@@ -136,6 +143,19 @@ def _clean(value: Any) -> Any:
   return value
 
 
+KIND_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def valid_kind(kind: Any) -> bool:
+  """True if `kind` can name a metrics file: a str matching `KIND_PATTERN` in full."""
+  return isinstance(kind, str) and KIND_PATTERN.fullmatch(kind) is not None
+
+
+def _valid_record(r: Any) -> bool:
+  return (isinstance(r, dict) and valid_kind(r.get("kind", "train"))
+          and isinstance(r.get("step", 0), int) and not isinstance(r.get("step", 0), bool))
+
+
 class MetricsWriter:
   """Writes records {'step': int, 'kind': 'train'|'eval', ...scalars} to workdir logs.
 
@@ -157,7 +177,13 @@ class MetricsWriter:
     """Drops logged records with `step > step` (a resumed run recomputes them)."""
     if not self.workdir or not os.path.exists(self.jsonl):
       return
-    keep = [r for r in read_jsonl(self.jsonl) if r.get("step", 0) <= step]
+    records = read_jsonl(self.jsonl)
+    bad = [r for r in records if not _valid_record(r)]
+    if bad:
+      print(f"WARNING: {self.jsonl}: dropping {len(bad)} malformed records (kind must match "
+            f"{KIND_PATTERN.pattern}, step an int), first {str(bad[0])[:200]}.",
+            file=sys.stderr, flush=True)
+    keep = [r for r in records if _valid_record(r) and r.get("step", 0) <= step]
     with open(self.jsonl, "w") as f:
       for r in keep:
         f.write(json.dumps(r) + "\n")
@@ -165,6 +191,9 @@ class MetricsWriter:
       self._rewrite_csv(kind, [r for r in keep if r.get("kind", "train") == kind])
 
   def _csv_path(self, kind: str) -> str:
+    if not valid_kind(kind):  # Never a path outside the workdir.
+      raise ValueError(f"metrics kind {kind!r} must match {KIND_PATTERN.pattern} (e.g. 'train', "
+                       "'eval').")
     return os.path.join(self.workdir, f"{kind}.csv")
 
   def _rewrite_csv(self, kind: str, rows: list[dict[str, Any]]) -> None:
@@ -180,6 +209,10 @@ class MetricsWriter:
       w.writerows(rows)
 
   def write(self, step: int, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Logs {'step', 'kind', 'time', **values}; `kind` must match `KIND_PATTERN`."""
+    if not valid_kind(kind):
+      raise ValueError(f"metrics kind {kind!r} must match {KIND_PATTERN.pattern} (e.g. 'train', "
+                       "'eval').")
     record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
     record.update({k: _clean(v) for k, v in values.items()})
     self.records.append(record)
@@ -193,7 +226,7 @@ class MetricsWriter:
       with open(path, newline="") as f:
         header = next(csv.reader(f), None)
     if header is None or set(record) - set(header):
-      rows = [r for r in read_jsonl(self.jsonl) if r.get("kind") == kind]
+      rows = [r for r in read_jsonl(self.jsonl) if _valid_record(r) and r.get("kind") == kind]
       self._rewrite_csv(kind, rows)
     else:
       with open(path, "a", newline="") as f:

@@ -237,3 +237,20 @@ def test_checkpointer_keeps_last_k_and_restores_exactly(tmp_path):
   empty.close()
   with pytest.raises(ValueError, match="keep"):
     checkpointing.Checkpointer(str(tmp_path / "x"), keep=0)
+
+
+def test_checksums_change_with_any_word_and_not_with_sharding():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  x = jnp.arange(64.0, dtype=jnp.float32).reshape(8, 8)
+  tree = {"x": x, "b": jnp.ones(3, jnp.bfloat16), "i": jnp.arange(3), "f": jnp.array([True])}
+  base = {r["path"]: r["checksum"] for r in checkpointing.inspect(tree)}
+  split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  assert checkpointing.inspect({**tree, "x": split})[3]["checksum"] == base["['x']"]
+  flipped = np.asarray(x).copy().view(np.uint32)
+  flipped[5, 3] ^= 1 << 30  # one bit
+  swapped = np.asarray(x).copy()
+  swapped[0, 0], swapped[0, 1] = swapped[0, 1], swapped[0, 0]
+  for bad in (flipped.view(np.float32), swapped):
+    assert checkpointing.inspect({"x": jnp.asarray(bad)})[0]["checksum"] != base["['x']"]
+  recs = checkpointing.inspect({"ok": x, "nan": jnp.array([1.0, jnp.nan])})
+  assert [r["finite"] for r in recs] == [False, True]  # leaves in sorted key order
