@@ -24,6 +24,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -130,3 +131,53 @@ def test_erm_step_bytes_match_plain_reference(setup):
       f"library ERM step accesses {excess:.2f} parameter-sized trees more than a plain step "
       f"(bound {EXCESS_PER_PARAM_BYTE}): a new per-parameter pass or copy in the train step")
   assert library["flops"] / plain["flops"] <= 1.01, (library, plain)
+
+
+# ----------------------------------------------------------------------------- ViT attention
+
+
+class _UnfusedAttention(nn.Module):
+  """The former ViT attention: separate query/key/value projections, XLA attention."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    proj = lambda name: nn.DenseGeneral((self.num_heads, d // self.num_heads), name=name)  # noqa: E731
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    y = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return nn.DenseGeneral(d, axis=(-2, -1), name="out")(y)
+
+
+def test_vit_fused_qkv_equals_separate_projections():
+  from mixjax.models import vit
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  unfused = _UnfusedAttention(num_heads=4)
+  p = unfused.init(jax.random.key(1), x)["params"]
+  p = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), p)
+  fused_params = {
+      "qkv": {"kernel": jnp.stack([p[n]["kernel"] for n in ("query", "key", "value")], axis=1),
+              "bias": jnp.stack([p[n]["bias"] for n in ("query", "key", "value")], axis=0)},
+      "out": p["out"]}
+  fused = vit.SelfAttention(num_heads=4)
+  shapes = jax.eval_shape(fused.init, jax.random.key(1), x)["params"]
+  assert jax.tree_util.tree_map(jnp.shape, shapes) == jax.tree_util.tree_map(jnp.shape,
+                                                                              fused_params)
+  np.testing.assert_allclose(fused.apply({"params": fused_params}, x),
+                             unfused.apply({"params": p}, x), rtol=1e-5, atol=1e-6)
+  # Each third of the fused kernel is initialised as a separate Xavier-uniform kernel.
+  kernel = fused.init(jax.random.key(3), x)["params"]["qkv"]["kernel"]
+  limit = np.sqrt(6.0 / (16 + 16))
+  assert float(jnp.max(jnp.abs(kernel))) <= limit and float(jnp.max(jnp.abs(kernel))) > 0.8 * limit
+
+
+def test_attention_implementation_choice():
+  from mixjax.models import vit
+  q = jnp.ones((1, 4, 2, 8), jnp.float32)
+  # On this backend (CPU) or in float32 the default is XLA's attention.
+  np.testing.assert_array_equal(vit.dot_product_attention(q, q, q),
+                                jax.nn.dot_product_attention(q, q, q, implementation="xla"))
+  with pytest.raises(ValueError, match="implementation='cudnn' needs a CUDA GPU"):
+    vit.dot_product_attention(q, q, q, implementation="cudnn")
+  with pytest.raises(ValueError, match="must be one of"):
+    vit.dot_product_attention(q, q, q, implementation="flash")
