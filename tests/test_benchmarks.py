@@ -83,3 +83,24 @@ def test_input_pipeline(capsys):
                "dat"):
     line = next(l for l in out.splitlines() if l.strip().startswith(name))
     assert float(line.split()[-1]) > 0, line
+
+
+def test_suite_cpu(capsys):
+  # Tiny graphs of the GPU suite's rows (the full `--device cpu` run takes minutes on 2 cores):
+  # one model next to its plain reference, one method, the mixing op.
+  _main("suite")(["--device", "cpu", "--steps", "1", "--batch", "2", "--models", "vit_b16",
+                  "--methods", "mixup"])
+  rows = _rows(capsys.readouterr().out)
+  rows.pop("row")  # The header.
+  assert set(rows) == {"vit_b16 img/s", "vit_b16 MFU %", "vit_b16 GFLOP/step",
+                       "vit_b16 MB accessed/step", "vit_b16 fusions", "mixup time / ERM",
+                       "mixing op GB/s"}, sorted(rows)
+  for name in ("vit_b16 img/s", "vit_b16 GFLOP/step", "mixup time / ERM", "mixing op GB/s"):
+    lib, ref, ratio = (_number(c) for c in rows[name])
+    assert lib > 0 and ref > 0 and math.isfinite(ratio), (name, rows[name])
+  # XLA's count: the library's ERM step has the reference's FLOPs (within 5% on this tiny
+  # model, where the norms of the finiteness check are a visible share).
+  assert _number(rows["vit_b16 GFLOP/step"][2]) <= 1.05
+  with pytest.raises(SystemExit):
+    _main("suite")(["--device", "cpu", "--methods", "amp"])
+  assert "choose from" in capsys.readouterr().err

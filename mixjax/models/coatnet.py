@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax.models import layers
+from mixjax.models import layers, vit
 
 _P1 = ((1, 1), (1, 1))
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -111,15 +111,15 @@ class RelativeAttention(nn.Module):
     b, h, w, _ = x.shape
     heads = self.out_channels // self.head_dim
     t = x.reshape(b, h * w, x.shape[-1])
-    proj = lambda name: nn.DenseGeneral((heads, self.head_dim), dtype=self.dtype,  # noqa: E731
-                                        name=name)
-    q, k, v = proj("query")(t), proj("key")(t), proj("value")(t)
+    # One fused q/k/v projection (lecun-normal depends on fan-in only: distributed as three).
+    qkv = nn.DenseGeneral((3, heads, self.head_dim), dtype=self.dtype, name="qkv")(t)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     shape = ((2 * h - 1) * (2 * w - 1), heads)
     layers.check_param_shape(self, "relative_bias", shape, "a relative position table")
     table = self.param("relative_bias", nn.initializers.truncated_normal(0.02), shape)
     bias = table[relative_position_index(h, w)]  # [hw, hw, heads]
     bias = jnp.transpose(bias, (2, 0, 1))[None].astype(q.dtype)
-    y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+    y = vit.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
     y = nn.DenseGeneral(self.out_channels, axis=(-2, -1), dtype=self.dtype, name="out")(y)
     return y.reshape(b, h, w, self.out_channels)
 

@@ -1,8 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2021): Ti/16, S/16, B/16, B/32, L/16.
 
 Patch embedding (a strided conv), a class token, learned position embeddings,
-pre-LN encoder blocks (multi-head self-attention through
-`jax.nn.dot_product_attention`, GELU MLP), final LayerNorm, class-token
+pre-LN encoder blocks (multi-head self-attention with one fused q/k/v
+projection, cuDNN's fused attention where the backend supports it, GELU MLP), final LayerNorm, class-token
 pooling and a dense head. ViT-B/16 at 224x224 and 1000 classes has 86,567,656
 parameters. Mixing points: 'input', 'embed' (tokens after the position
 embeddings), 'block1' ... 'block{depth}', 'pre_logits'.
@@ -25,11 +25,68 @@ _dense_init = dict(kernel_init=nn.initializers.xavier_uniform(),
                    bias_init=nn.initializers.normal(stddev=1e-6))
 
 
+def _can_use_cudnn(q: jax.Array, bias: Optional[jax.Array]) -> bool:
+  """Whether cuDNN's fused attention takes these shapes and dtypes on this backend.
+
+  cuDNN flash attention: a CUDA GPU, bf16/fp16 inputs, a head dimension that
+  is a multiple of 8 and at most 128, and a bias of the inputs' dtype.
+  """
+  return (jax.default_backend() == "gpu"
+          and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+          and (bias is None or bias.dtype == q.dtype))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          bias: Optional[jax.Array] = None,
+                          implementation: Optional[str] = None) -> jax.Array:
+  """Attention f[B, T, H, d] x3 (bias f[1 or B, H, T, T]) -> f[B, T, H, d].
+
+  implementation: None: cuDNN's fused kernel where `_can_use_cudnn` (a CUDA GPU,
+  bf16/fp16, head dimension a multiple of 8 up to 128), else XLA's (CPU, TPU,
+  float32, other shapes); a cuDNN refusal at trace time falls back to XLA too.
+  'cudnn' asks for cuDNN and raises a ValueError where it cannot run; 'xla'
+  is XLA's.
+  """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got "
+                     f"{implementation!r}.")
+  if implementation == "cudnn" and not _can_use_cudnn(q, bias):
+    raise ValueError(
+        f"attention implementation='cudnn' needs a CUDA GPU, bfloat16/float16 inputs and a "
+        f"head dimension that is a multiple of 8 up to 128; got backend "
+        f"{jax.default_backend()!r}, dtype {q.dtype}, head dimension {q.shape[-1]}. Use "
+        f"implementation=None (cuDNN where supported, else XLA) or 'xla'.")
+  if implementation is None and _can_use_cudnn(q, bias):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):  # Unsupported here: XLA below.
+      pass
+  return jax.nn.dot_product_attention(q, k, v, bias=bias,
+                                      implementation="xla" if implementation is None
+                                      else implementation)
+
+
+def _stacked_init(init: Any, parts: int) -> Any:
+  """An initializer of a flat kernel f[D, parts * n]: `init` on each f[D, n] part.
+
+  The fused q/k/v kernel is then distributed as three separate ones would be.
+  """
+  def stacked(key, shape, dtype=jnp.float32):
+    d_in, d_out = shape
+    keys = jax.random.split(key, parts)
+    return jnp.concatenate([init(k, (d_in, d_out // parts), dtype) for k in keys], axis=1)
+  return stacked
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention: f[B, T, D] -> f[B, T, D].
 
-  `implementation` is passed to `jax.nn.dot_product_attention`: None lets XLA
-  choose, 'cudnn' asks for cuDNN's fused kernel (GPU, bf16/fp16 only).
+  One fused projection to q, k and v (a DenseGeneral to [3, heads, D / heads]
+  named 'qkv'; the same parameter count as three separate projections, each
+  third initialised as a separate Xavier-uniform kernel), `dot_product_attention`
+  (implementation None: cuDNN where supported, else XLA), and the output
+  projection 'out'.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -41,12 +98,12 @@ class SelfAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
     head_dim = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,  # noqa: E731
-                                        name=name, kernel_init=nn.initializers.xavier_uniform())
-    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
+                          kernel_init=_stacked_init(nn.initializers.xavier_uniform(), 3))(x)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     if bias is not None:
       bias = bias.astype(q.dtype)
-    y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+    y = dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
                            kernel_init=nn.initializers.xavier_uniform())(y)
 
@@ -117,7 +174,7 @@ class ViT(nn.Module):
   Input f[B, H, W, C] with H, W divisible by `patch_size` (and equal to the
   size at initialisation: learned position embeddings); output
   f[B, num_classes] logits, or f32[B, d] unit vectors with head='cosine'.
-  `attention_impl`: None (XLA chooses), 'xla' or 'cudnn'. Dropout draws from
+  `attention_impl`: None (cuDNN where supported, else XLA), 'xla' or 'cudnn'. Dropout draws from
   the 'dropout' rng. `pool`: 'token' (class token) or 'gap' (mean of tokens).
   """
   patch_size: int = 16
