@@ -295,6 +295,12 @@ def pair(key: jax.Array, labels: jax.Array, pairing: pairing_lib.Pairing, *,
   With `mesh`, the pairing runs inside each shard of `axis_name` (shard `g` with
   key `fold_in(key, g)`), the same as `pairing.grouped(pairing, num_shards)`
   on one device, and the labels never leave their device.
+
+  Any batch size works, odd ones and 1 included (every pairing returns a
+  partner in [0, B)). A shard that holds a single example can only pair it
+  with itself, so shard-local mixing with a per-shard batch of 1 is the
+  identity (inputs and targets unchanged, no error): use a per-shard batch
+  of at least 2, or `shard_local=False`, to mix.
   """
   batch = labels.shape[0]
   if mesh is None:
