@@ -181,7 +181,7 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   if k > 2 and (base != "mixup" or wrappers or point is not None):
     raise ValueError(f"k={k} (k-way Dirichlet mixing) works with method 'mixup' at the input "
                      f"only, got method {method!r} and point={point!r}; use k=2 otherwise.")
-  if base != "cutmix" and apply_prob != 1.0:
+  if base not in ("cutmix", "erm") and apply_prob != 1.0:
     raise ValueError(f"apply_prob={apply_prob!r} needs method 'cutmix' (for mixup with an "
                      "apply probability use 'cutmix' with switch_prob=0); got method "
                      f"{method!r}.")

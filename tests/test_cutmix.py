@@ -151,3 +151,47 @@ def test_amp_mixupe_and_hidden_points_are_refused_by_name():
     methods.get_objective("cutmix", num_classes=3)
   with pytest.raises(ValueError, match="first-order weight"):
     policies.cutmix(1.0, (H, W)).first_order_weight()
+
+
+# ---- from train.py ----------------------------------------------------------
+
+def test_config_keys_are_validated_and_reach_the_policy():
+  import train_testlib as lib
+  from mixjax import config_utils, from_config, objectives
+  c = lib.tiny_config(steps=2, method="cutmix")
+  c = config_utils.apply_overrides(c, ["mix.switch_prob=0.5", "mix.apply_prob=0.9",
+                                   "mix.cutmix_minmax=(0.2,0.8)", "mix.correct_lam=false",
+                                   "mix.cutmix_alpha=0.5"])
+  config_utils.validate(c)
+  obj = from_config.objective(c, "cutmix", None)
+  assert isinstance(obj, objectives.Mixup)
+  assert obj.policy == policies.cutmix(0.5, (8, 8), True, False, (0.2, 0.8), 1.0, 0.5, 0.9)
+  bad = [("mix.switch_prob=1.5", "mix.switch_prob must be a probability"),
+         ("mix.cutmix_minmax=(0.8,0.2)", "mix.cutmix_minmax must be"),
+         ("mix.bce_threshold=0.2", "needs config.mix.loss='bce'"),
+         ("mix.k=1", "mix.k must be an integer >= 2"),
+         ("mix.point='stage1'", "config.mix.point=None")]
+  for override, match in bad:
+    c = lib.tiny_config(steps=2, method="cutmix")
+    c = config_utils.apply_overrides(c, [override])
+    with pytest.raises(ValueError, match=match):
+      config_utils.validate(c)
+  for method, override, match in [("cutmix+amp", "mix.k=2", "not defined on CutMix"),
+                                  ("mixup+amp", "mix.k=3", "k-way"),
+                                  ("mixup", "mix.apply_prob=0.5", "needs method 'cutmix'")]:
+    c = lib.tiny_config(steps=2, method=method)
+    c = config_utils.apply_overrides(c, [override])
+    with pytest.raises(ValueError, match=match):
+      config_utils.validate(c)
+
+
+def test_train_two_steps_with_cutmix_mixup_switching():
+  import train
+  import train_testlib as lib
+  c = lib.tiny_config(steps=2, method="cutmix")
+  c.mix.switch_prob = 0.5
+  c.mix.loss, c.mix.bce_threshold = "bce", 0.2
+  c.checkpoint_every_steps, c.schedule.warmup_steps = 0, 1
+  (result,) = train.train_and_evaluate(c, None, model=lib.TinyCNN())
+  assert result["method"] == "cutmix" and result["step"] == 2
+  assert np.isfinite(result["train"]["loss"]) and result["train"]["loss"] > 0
