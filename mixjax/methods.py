@@ -165,8 +165,8 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   `cutmix_minmax`, `correct_lam`; with probability `1 - switch_prob` an
   example (or the batch, `per_example=False`) gets mixup with
   `Beta(alpha, alpha)` instead, and with probability `1 - apply_prob` it is
-  not mixed (timm's `Mixup(prob=..., switch_prob=...)`, whose `switch_prob`
-  is `1 - switch_prob` here: ours is the probability of CutMix).
+  not mixed (timm's `Mixup(prob=..., switch_prob=...)`: `switch_prob` is
+  the probability of CutMix in both; the default 1.0 here is CutMix only).
   k: 2 is pairwise mixing; k > 2 with 'mixup' is k-way mixing with weights
   `Dirichlet(alpha 1_k)` (`Dirichlet`, `largest_first` keeping the largest on
   the example itself).
