@@ -1,7 +1,6 @@
 """CutMix and mixup/CutMix switching: boxes and coefficients against NumPy references."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
