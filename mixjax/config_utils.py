@@ -62,10 +62,10 @@ def base_config() -> ConfigDict:
       loss="softmax_xent",  # softmax_xent, sigmoid_xent, cosine.
       cosine_dim=300,
       erm_warmup_steps=0,  # train with ERM for this many steps first.
-      # method 'cutmix' (timm's Mixup): boxes from Beta(cutmix_alpha, cutmix_alpha).
-      cutmix_alpha=1.0,
-      switch_prob=1.0,     # P(CutMix) per draw, else mixup with Beta(alpha, alpha).
-      apply_prob=1.0,      # P(mix at all) per draw ('cutmix' only).
+      # CutMix as timm's Mixup (method 'mixup'): > 0 draws boxes from Beta(cutmix_alpha, ...).
+      cutmix_alpha=0.0,
+      switch_prob=0.5,     # P(CutMix) per draw, else mixup with Beta(alpha, alpha).
+      apply_prob=1.0,      # P(mix at all) per draw (needs cutmix_alpha > 0).
       cutmix_minmax=None,  # (lo, hi): box sides uniform in [lo, hi) of the image instead.
       correct_lam=True,    # label weight = kept area of the clipped box.
       bce_threshold=None,  # loss 'bce': mixed targets > threshold become 1.
@@ -340,8 +340,9 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
   for name in ("switch_prob", "apply_prob"):
     if not 0.0 <= m[name] <= 1.0:
       raise ValueError(f"config.mix.{name} must be a probability in [0, 1], got {m[name]!r}.")
-  if not m.cutmix_alpha > 0:
-    raise ValueError(f"config.mix.cutmix_alpha must be > 0, got {m.cutmix_alpha!r}.")
+  if not m.cutmix_alpha >= 0:
+    raise ValueError(f"config.mix.cutmix_alpha must be >= 0 (0: no CutMix), got "
+                     f"{m.cutmix_alpha!r}.")
   mm = m.cutmix_minmax
   if mm is not None and (not isinstance(mm, (tuple, list)) or len(mm) != 2
                          or not 0.0 < mm[0] < mm[1] <= 1.0):
@@ -361,11 +362,21 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
     if m.k > 2 and base not in ("mixup", "erm") or m.k > 2 and wrappers:
       raise ValueError(f"config.mix.k={m.k} (k-way Dirichlet mixing) needs method 'mixup' "
                        f"without wrappers, got {method!r}; set config.mix.k=2 otherwise.")
-    if base != "cutmix" and base != "erm" and m.apply_prob != 1.0:
-      raise ValueError(f"config.mix.apply_prob={m.apply_prob!r} needs method 'cutmix' (use "
-                       f"'cutmix' with config.mix.switch_prob=0 for mixup with an apply "
-                       f"probability), got {method!r}.")
-    if base == "cutmix" and (m.point is not None or len(config.dataset.input_shape) != 3):
-      raise ValueError(f"method {method!r} needs images (config.dataset.input_shape=(H, W, C), "
-                       f"got {tuple(config.dataset.input_shape)}) mixed at the input "
+    cutmix = m.cutmix_alpha > 0 or mm is not None
+    if base in ("untied", "dat") and cutmix:
+      raise ValueError(f"config.mix.cutmix_alpha={m.cutmix_alpha!r} / cutmix_minmax={mm!r}: "
+                       f"CutMix switches with mixup only; use method 'mixup', got {method!r}.")
+    if base == "mixup" and cutmix and wrappers:
+      raise ValueError(f"method {method!r}: {list(wrappers)} are not defined on CutMix (a hard "
+                       f"box has no scalar input coefficient); set config.mix.cutmix_alpha=0 "
+                       f"or use method 'mixup'.")
+    if base != "erm" and not cutmix and m.apply_prob != 1.0:
+      raise ValueError(f"config.mix.apply_prob={m.apply_prob!r} needs CutMix switching "
+                       f"(config.mix.cutmix_alpha > 0; switch_prob=0 for mixup only), got "
+                       f"method {method!r} with cutmix_alpha={m.cutmix_alpha!r}.")
+    if base == "mixup" and cutmix and (m.point is not None
+                                       or len(config.dataset.input_shape) != 3):
+      raise ValueError(f"CutMix (config.mix.cutmix_alpha={m.cutmix_alpha!r}) needs images "
+                       f"(config.dataset.input_shape=(H, W, C), got "
+                       f"{tuple(config.dataset.input_shape)}) mixed at the input "
                        f"(config.mix.point=None, got {m.point!r}).")

@@ -2,15 +2,15 @@
 
 A method name joins at most one base and any wrappers with '+':
 
-  bases:    'erm', 'mixup' (Beta(alpha, beta)), 'untied' (U(Beta(alpha, beta))), 'dat',
-            'cutmix' (`policies.CutMix`, optionally switched with mixup as timm does)
+  bases:    'erm', 'mixup' (Beta(alpha, beta)), 'untied' (U(Beta(alpha, beta))), 'dat'
   wrappers: 'amp' (`amp.amp`), 'mixupe' (`mixupe.mixupe`), applied in that order
 
 A wrapper alone implies the 'mixup' base ('amp' == 'mixup+amp'). 'erm+mixupe'
 is the MixupE paper's Table 7 row "ERM + additional loss"; 'amp' needs a
-mixing base. 'cutmix' takes no wrapper: AMP's lambda-gradient and MixupE's
-first-order weight need a scalar input coefficient, and a CutMix box is a
-mask. 'mixup' with `k > 2` is k-way Dirichlet mixing (`Dirichlet`), which
+mixing base. 'mixup' with `cutmix_alpha > 0` (or `cutmix_minmax`) is timm's
+mixup/CutMix switching (`policies.CutMix`); it takes no wrapper: AMP's
+lambda-gradient and MixupE's first-order weight need a scalar input
+coefficient, and a CutMix box is a mask. 'mixup' with `k > 2` is k-way Dirichlet mixing (`Dirichlet`), which
 takes no wrapper either (its draw has no single partner). This module sits above `objectives`, `amp` and `mixupe`, which
 never import it.
 """
@@ -34,9 +34,9 @@ from mixjax import pairing as pairing_lib
 from mixjax import policies
 from mixjax import sampling
 
-BASES = ("erm", "mixup", "untied", "dat", "cutmix")
+BASES = ("erm", "mixup", "untied", "dat")
 WRAPPERS = ("amp", "mixupe")
-MIXING_BASES = ("mixup", "untied", "dat", "cutmix")
+MIXING_BASES = ("mixup", "untied", "dat")
 LOSSES = tuple(losses_lib.LOSSES) + ("cosine",)
 
 
@@ -56,14 +56,6 @@ def parse(method: str) -> tuple[str, tuple[str, ...]]:
   if base == "erm" and "amp" in wrappers:
     raise ValueError(f"method {method!r}: 'amp' perturbs a mixing coefficient, so it needs a "
                      f"mixing base {list(MIXING_BASES)}, not 'erm'.")
-  if base == "cutmix" and "amp" in wrappers:
-    raise ValueError(f"method {method!r}: 'amp' is not defined on CutMix (its lambda-gradient "
-                     "needs a scalar input coefficient; a CutMix box is a hard mask). Use 'amp' "
-                     "with 'mixup', 'untied' or 'dat'.")
-  if base == "cutmix" and "mixupe" in wrappers:
-    raise ValueError(f"method {method!r}: 'mixupe' needs the policy's first-order weight "
-                     "E[1 - lam], which is not defined for a CutMix box. Use 'mixupe' with "
-                     "'mixup', 'untied', 'dat' or 'erm'.")
   return base, wrappers
 
 
@@ -143,8 +135,8 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
                   cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
                   amp: Optional[dict] = None, mixupe: Optional[dict] = None,
                   mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data",
-                  image_shape: Optional[Sequence[int]] = None, cutmix_alpha: float = 1.0,
-                  switch_prob: float = 1.0, apply_prob: float = 1.0,
+                  image_shape: Optional[Sequence[int]] = None, cutmix_alpha: float = 0.0,
+                  switch_prob: float = 0.5, apply_prob: float = 1.0,
                   cutmix_minmax: Optional[Sequence[float]] = None, correct_lam: bool = True,
                   bce_threshold: Optional[float] = None, k: int = 2,
                   largest_first: bool = False) -> objectives.Objective:
@@ -160,13 +152,15 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   `cosine_dim` dims drawn with `cosine_seed`; the model then outputs
   f[B, cosine_dim]).
 
-  'cutmix' (`policies.cutmix`): `image_shape` (H, W) or (H, W, C) of the
-  inputs is required; boxes from `Beta(cutmix_alpha, cutmix_alpha)` or
-  `cutmix_minmax`, `correct_lam`; with probability `1 - switch_prob` an
-  example (or the batch, `per_example=False`) gets mixup with
-  `Beta(alpha, alpha)` instead, and with probability `1 - apply_prob` it is
-  not mixed (timm's `Mixup(prob=..., switch_prob=...)`: `switch_prob` is
-  the probability of CutMix in both; the default 1.0 here is CutMix only).
+  CutMix (`policies.cutmix`), timm's `Mixup` with `mixup_alpha=alpha`: with
+  `cutmix_alpha > 0` (or `cutmix_minmax` set) the 'mixup' base draws, per
+  example (or per batch, `per_example=False`), CutMix with probability
+  `switch_prob` (boxes from `Beta(cutmix_alpha, cutmix_alpha)` or
+  `cutmix_minmax`, `correct_lam`) and mixup with `Beta(alpha, alpha)`
+  otherwise, and mixes at all with probability `apply_prob`.
+  `image_shape` (H, W) or (H, W, C) of the inputs is then required;
+  `switch_prob=1` is CutMix only. Wrappers ('amp', 'mixupe') and hidden
+  points are refused (ValueError).
   k: 2 is pairwise mixing; k > 2 with 'mixup' is k-way mixing with weights
   `Dirichlet(alpha 1_k)` (`Dirichlet`, `largest_first` keeping the largest on
   the example itself).
@@ -181,10 +175,19 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   if k > 2 and (base != "mixup" or wrappers or point is not None):
     raise ValueError(f"k={k} (k-way Dirichlet mixing) works with method 'mixup' at the input "
                      f"only, got method {method!r} and point={point!r}; use k=2 otherwise.")
-  if base not in ("cutmix", "erm") and apply_prob != 1.0:
-    raise ValueError(f"apply_prob={apply_prob!r} needs method 'cutmix' (for mixup with an "
-                     "apply probability use 'cutmix' with switch_prob=0); got method "
-                     f"{method!r}.")
+  use_cutmix = base == "mixup" and (cutmix_alpha > 0 or cutmix_minmax is not None)
+  if base in ("untied", "dat") and (cutmix_alpha > 0 or cutmix_minmax is not None):
+    raise ValueError(f"cutmix_alpha={cutmix_alpha!r}, cutmix_minmax={cutmix_minmax!r}: CutMix "
+                     f"switches with mixup only; use method 'mixup', got {method!r}.")
+  if use_cutmix and wrappers:
+    raise ValueError(f"method {method!r} with CutMix (cutmix_alpha={cutmix_alpha!r}): "
+                     f"{list(wrappers)} are not defined on CutMix ('amp' needs a scalar input "
+                     "coefficient to differentiate, 'mixupe' the policy's first-order weight; "
+                     "a CutMix box is a hard mask). Use method 'mixup' or cutmix_alpha=0.")
+  if base != "erm" and not use_cutmix and apply_prob != 1.0:
+    raise ValueError(f"apply_prob={apply_prob!r} needs CutMix switching (cutmix_alpha > 0; "
+                     "switch_prob=0 for mixup only with an apply probability); got method "
+                     f"{method!r} with cutmix_alpha={cutmix_alpha!r}.")
   to_logits = objectives.identity
   if loss == "cosine":
     emb = losses_lib.class_embeddings(jax.random.key(cosine_seed), num_classes, cosine_dim)
@@ -203,21 +206,21 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   elif base == "erm":
     obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name)
   else:
-    if base == "mixup":
+    if use_cutmix:
+      if image_shape is None or len(image_shape) not in (2, 3):
+        raise ValueError(f"CutMix (cutmix_alpha={cutmix_alpha!r}) needs image_shape=(H, W) or "
+                         f"(H, W, C) of the input images, got {image_shape!r}.")
+      if point is not None:
+        raise ValueError("CutMix mixes images at the input; point="
+                         f"{point!r} (a hidden mixing point) is not supported: use point=None.")
+      policy = policies.cutmix(
+          cutmix_alpha if cutmix_alpha > 0 else 1.0, tuple(int(n) for n in image_shape[:2]),
+          per_example, correct_lam, None if cutmix_minmax is None else tuple(cutmix_minmax),
+          alpha, switch_prob, apply_prob)
+    elif base == "mixup":
       policy = policies.mixup(alpha, beta, per_example)
     elif base == "untied":
       policy = policies.untied_mixup(alpha, alpha if beta is None else beta, per_example)
-    elif base == "cutmix":
-      if image_shape is None or len(image_shape) not in (2, 3):
-        raise ValueError(f"method {method!r} needs image_shape=(H, W) or (H, W, C) of the "
-                         f"input images, got {image_shape!r}.")
-      if point is not None:
-        raise ValueError(f"method {method!r} mixes images at the input; point={point!r} "
-                         "(a hidden mixing point) is not supported: use point=None.")
-      policy = policies.cutmix(
-          cutmix_alpha, tuple(int(n) for n in image_shape[:2]), per_example, correct_lam,
-          None if cutmix_minmax is None else tuple(cutmix_minmax), alpha, switch_prob,
-          apply_prob)
     else:
       policy = policies.dat(alpha, beta, per_example)
     obj = objectives.Mixup(policy, pairing_lib.get_pairing(pairing), loss_fn, num_classes, point,

@@ -289,7 +289,7 @@ class CutMix:
 
   Methods: `amp` is not defined on a CutMix draw (its lambda-gradient needs a
   scalar input coefficient, a hard box has none) and `methods.get_objective`
-  refuses it; MixupE's first-order weight is not defined either
+  refuses both AMP and MixupE on it; MixupE's first-order weight is not defined either
   (`first_order_weight` raises). Hidden-layer mixing points are refused too:
   the mask has the image's shape.
   """
@@ -419,8 +419,8 @@ _REGISTRY = {"erm": erm, "mixup": mixup, "untied": untied_mixup, "dat": dat}
 def get_policy(name: str, **kwargs) -> Policy:
   """Builds a policy by name: one of 'erm', 'mixup', 'untied', 'dat'.
 
-  CutMix needs the image shape: build it with `cutmix(...)`, or by the method
-  name 'cutmix' (`methods.get_objective(..., image_shape=(H, W))`).
+  CutMix needs the image shape: build it with `cutmix(...)`, or through
+  `methods.get_objective('mixup', cutmix_alpha=..., image_shape=(H, W))`.
   """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown policy {name!r}; choose one of {sorted(_REGISTRY)}.")

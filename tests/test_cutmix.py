@@ -139,15 +139,18 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_amp_mixupe_and_hidden_points_are_refused_by_name():
-  kw = dict(num_classes=3, image_shape=(H, W))
-  with pytest.raises(ValueError, match="amp.*CutMix"):
-    methods.get_objective("cutmix+amp", **kw)
-  with pytest.raises(ValueError, match="first-order weight"):
-    methods.get_objective("cutmix+mixupe", **kw)
+  kw = dict(num_classes=3, image_shape=(H, W), cutmix_alpha=1.0)
+  assert isinstance(methods.get_objective("mixup", **kw).policy, policies.CutMix)
+  with pytest.raises(ValueError, match="not defined on CutMix"):
+    methods.get_objective("mixup+amp", **kw)
+  with pytest.raises(ValueError, match="not defined on CutMix"):
+    methods.get_objective("mixupe", **kw)
   with pytest.raises(ValueError, match="point"):
-    methods.get_objective("cutmix", point="stage2", **kw)
+    methods.get_objective("mixup", point="stage2", **kw)
   with pytest.raises(ValueError, match="image_shape"):
-    methods.get_objective("cutmix", num_classes=3)
+    methods.get_objective("mixup", num_classes=3, cutmix_alpha=1.0)
+  with pytest.raises(ValueError, match="mixup only"):
+    methods.get_objective("untied", num_classes=3, image_shape=(H, W), cutmix_alpha=1.0)
   with pytest.raises(ValueError, match="first-order weight"):
     policies.cutmix(1.0, (H, W)).first_order_weight()
 
@@ -157,12 +160,12 @@ def test_amp_mixupe_and_hidden_points_are_refused_by_name():
 def test_config_keys_are_validated_and_reach_the_policy():
   import train_testlib as lib
   from mixjax import config_utils, from_config, objectives
-  c = lib.tiny_config(steps=2, method="cutmix")
+  c = lib.tiny_config(steps=2, method="mixup")
   c = config_utils.apply_overrides(c, ["mix.switch_prob=0.5", "mix.apply_prob=0.9",
                                    "mix.cutmix_minmax=(0.2,0.8)", "mix.correct_lam=false",
                                    "mix.cutmix_alpha=0.5"])
   config_utils.validate(c)
-  obj = from_config.objective(c, "cutmix", None)
+  obj = from_config.objective(c, "mixup", None)
   assert isinstance(obj, objectives.Mixup)
   assert obj.policy == policies.cutmix(0.5, (8, 8), True, False, (0.2, 0.8), 1.0, 0.5, 0.9)
   bad = [("mix.switch_prob=1.5", "mix.switch_prob must be a probability"),
@@ -171,13 +174,14 @@ def test_config_keys_are_validated_and_reach_the_policy():
          ("mix.k=1", "mix.k must be an integer >= 2"),
          ("mix.point='stage1'", "config.mix.point=None")]
   for override, match in bad:
-    c = lib.tiny_config(steps=2, method="cutmix")
-    c = config_utils.apply_overrides(c, [override])
+    c = lib.tiny_config(steps=2, method="mixup")
+    c = config_utils.apply_overrides(c, ["mix.cutmix_alpha=1.0", override])
     with pytest.raises(ValueError, match=match):
       config_utils.validate(c)
-  for method, override, match in [("cutmix+amp", "mix.k=2", "not defined on CutMix"),
+  for method, override, match in [("mixup+amp", "mix.cutmix_alpha=1.0", "not defined on CutMix"),
+                                  ("untied", "mix.cutmix_alpha=1.0", "mixup only"),
                                   ("mixup+amp", "mix.k=3", "k-way"),
-                                  ("mixup", "mix.apply_prob=0.5", "needs method 'cutmix'")]:
+                                  ("mixup", "mix.apply_prob=0.5", "needs CutMix switching")]:
     c = lib.tiny_config(steps=2, method=method)
     c = config_utils.apply_overrides(c, [override])
     with pytest.raises(ValueError, match=match):
@@ -187,10 +191,10 @@ def test_config_keys_are_validated_and_reach_the_policy():
 def test_train_two_steps_with_cutmix_mixup_switching():
   import train
   import train_testlib as lib
-  c = lib.tiny_config(steps=2, method="cutmix")
-  c.mix.switch_prob = 0.5
+  c = lib.tiny_config(steps=2, method="mixup")
+  c.mix.cutmix_alpha, c.mix.switch_prob = 1.0, 0.5
   c.mix.loss, c.mix.bce_threshold = "bce", 0.2
   c.checkpoint_every_steps, c.schedule.warmup_steps = 0, 1
   (result,) = train.train_and_evaluate(c, None, model=lib.TinyCNN())
-  assert result["method"] == "cutmix" and result["step"] == 2
+  assert result["method"] == "mixup" and result["step"] == 2
   assert np.isfinite(result["train"]["loss"]) and result["train"]["loss"] > 0
