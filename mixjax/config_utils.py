@@ -62,6 +62,15 @@ def base_config() -> ConfigDict:
       loss="softmax_xent",  # softmax_xent, sigmoid_xent, cosine.
       cosine_dim=300,
       erm_warmup_steps=0,  # train with ERM for this many steps first.
+      # CutMix as timm's Mixup (method 'mixup'): > 0 draws boxes from Beta(cutmix_alpha, ...).
+      cutmix_alpha=0.0,
+      switch_prob=0.5,     # P(CutMix) per draw, else mixup with Beta(alpha, alpha).
+      apply_prob=1.0,      # P(mix at all) per draw (needs cutmix_alpha > 0).
+      cutmix_minmax=None,  # (lo, hi): box sides uniform in [lo, hi) of the image instead.
+      correct_lam=True,    # label weight = kept area of the clipped box.
+      bce_threshold=None,  # loss 'bce': mixed targets > threshold become 1.
+      k=2,                 # examples per mix; k > 2 with 'mixup': Dirichlet(alpha) weights.
+      k_largest_first=False,  # k-way: the example itself gets the largest weight.
   ))
   c.amp = ConfigDict(dict(eps=0.002, mode="full"))
   c.mixupe = ConfigDict(dict(
@@ -354,12 +363,14 @@ def validate(config: ConfigDict) -> None:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}.")
   if config.optimizer.lr < 0 or config.optimizer.weight_decay < 0:
     raise ValueError("config.optimizer.lr and weight_decay must be >= 0.")
+  _validate_mix_extensions(config, runs)
   if config.dataset.input_dtype == "int32" and config.mix.point is None and any(
       methods_lib.parse(m) != ("erm", ()) for m in runs):
     raise ValueError("Integer inputs (token ids) cannot be mixed: set config.mix.point to a "
                      "submodule (e.g. the embedding) for mixing methods.")
 
 
+<<<<<<< HEAD
 def choices() -> dict[str, str]:
   """{config key: its allowed values, as text}, read from the library's registries.
 
@@ -429,3 +440,51 @@ def describe(config: Optional[ConfigDict] = None) -> str:
       line += f"  # {notes[key]}"
     lines.append(line)
   return "\n".join(lines)
+=======
+def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
+  """The CutMix, BCE-threshold and k-way keys of `config.mix` (ValueError naming the key)."""
+  m = config.mix
+  for name in ("switch_prob", "apply_prob"):
+    if not 0.0 <= m[name] <= 1.0:
+      raise ValueError(f"config.mix.{name} must be a probability in [0, 1], got {m[name]!r}.")
+  if not m.cutmix_alpha >= 0:
+    raise ValueError(f"config.mix.cutmix_alpha must be >= 0 (0: no CutMix), got "
+                     f"{m.cutmix_alpha!r}.")
+  mm = m.cutmix_minmax
+  if mm is not None and (not isinstance(mm, (tuple, list)) or len(mm) != 2
+                         or not 0.0 < mm[0] < mm[1] <= 1.0):
+    raise ValueError(f"config.mix.cutmix_minmax must be None or (lo, hi) with 0 < lo < hi <= 1 "
+                     f"(box sides as fractions of the image), got {mm!r}.")
+  if m.bce_threshold is not None:
+    if m.loss != "bce":
+      raise ValueError(f"config.mix.bce_threshold={m.bce_threshold!r} needs "
+                       f"config.mix.loss='bce', got {m.loss!r}.")
+    if not 0.0 <= m.bce_threshold < 1.0:
+      raise ValueError(f"config.mix.bce_threshold must be None or in [0, 1), got "
+                       f"{m.bce_threshold!r}.")
+  if not isinstance(m.k, int) or m.k < 2:
+    raise ValueError(f"config.mix.k must be an integer >= 2 (2: pairwise mixing), got {m.k!r}.")
+  for method in runs:
+    base, wrappers = methods_lib.parse(method)
+    if m.k > 2 and base not in ("mixup", "erm") or m.k > 2 and wrappers:
+      raise ValueError(f"config.mix.k={m.k} (k-way Dirichlet mixing) needs method 'mixup' "
+                       f"without wrappers, got {method!r}; set config.mix.k=2 otherwise.")
+    cutmix = m.cutmix_alpha > 0 or mm is not None
+    if base in ("untied", "dat") and cutmix:
+      raise ValueError(f"config.mix.cutmix_alpha={m.cutmix_alpha!r} / cutmix_minmax={mm!r}: "
+                       f"CutMix switches with mixup only; use method 'mixup', got {method!r}.")
+    if base == "mixup" and cutmix and wrappers:
+      raise ValueError(f"method {method!r}: {list(wrappers)} are not defined on CutMix (a hard "
+                       f"box has no scalar input coefficient); set config.mix.cutmix_alpha=0 "
+                       f"or use method 'mixup'.")
+    if base != "erm" and not cutmix and m.apply_prob != 1.0:
+      raise ValueError(f"config.mix.apply_prob={m.apply_prob!r} needs CutMix switching "
+                       f"(config.mix.cutmix_alpha > 0; switch_prob=0 for mixup only), got "
+                       f"method {method!r} with cutmix_alpha={m.cutmix_alpha!r}.")
+    if base == "mixup" and cutmix and (m.point is not None
+                                       or len(config.dataset.input_shape) != 3):
+      raise ValueError(f"CutMix (config.mix.cutmix_alpha={m.cutmix_alpha!r}) needs images "
+                       f"(config.dataset.input_shape=(H, W, C), got "
+                       f"{tuple(config.dataset.input_shape)}) mixed at the input "
+                       f"(config.mix.point=None, got {m.point!r}).")
+>>>>>>> cutmix

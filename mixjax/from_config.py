@@ -77,6 +77,11 @@ def model(config: ConfigDict, num_outputs: Optional[int] = None) -> Any:
 def objective(config: ConfigDict, method: str, mesh: Optional[Mesh]) -> objectives.Objective:
   """`methods.get_objective(method, ...)` with `config.mix`, `config.amp`, `config.mixupe`.
 
+  The CutMix keys (`mix.cutmix_alpha`, `switch_prob`, `apply_prob`,
+  `cutmix_minmax`, `correct_lam`; image shape `dataset.input_shape`),
+  `mix.bce_threshold` and the k-way keys (`mix.k`, `mix.k_largest_first`) are
+  passed through; the ERM objective (ERM runs, `erm_warmup_steps`) ignores `k`.
+
   mesh: the training mesh; with `config.mix.shard_local`, pairs are drawn
   inside each device's shard of the batch (no cross-device traffic).
   """
@@ -89,7 +94,11 @@ def objective(config: ConfigDict, method: str, mesh: Optional[Mesh]) -> objectiv
       per_example=m.per_example, pairing=m.pairing, point=m.point,
       label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
       interpolate=m.interpolate, amp=dict(config.amp), mixupe=mixupe,
-      mesh=mesh if m.shard_local else None, axis_name=axis_name)
+      mesh=mesh if m.shard_local else None, axis_name=axis_name,
+      image_shape=tuple(config.dataset.input_shape), cutmix_alpha=m.cutmix_alpha,
+      switch_prob=m.switch_prob, apply_prob=m.apply_prob, cutmix_minmax=m.cutmix_minmax,
+      correct_lam=m.correct_lam, bce_threshold=m.bce_threshold,
+      k=m.k if methods.parse(method)[0] != "erm" else 2, largest_first=m.k_largest_first)
 
 
 def sample_inputs(config: ConfigDict) -> jax.Array:

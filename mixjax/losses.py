@@ -3,13 +3,13 @@
 A loss `l(outputs, targets)` is target-linear when
 `l(z, s*t1 + u*t2) = s*l(z, t1) + u*l(z, t2)`; for such losses training on
 mixed targets equals interpolating the losses (Archambault et al. 2019). All
-losses here are target-linear, take f[B, ...] outputs and f32[B, C] targets,
+losses here but `BinaryCrossEntropy` with a threshold are target-linear, take f[B, ...] outputs and f32[B, C] targets,
 and return f32[B].
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -109,12 +109,64 @@ def mixup_loss(loss_fn: LossFn, outputs: jax.Array, targets_a: jax.Array, target
   return loss_fn(outputs, lam_c * targets_a + (1 - lam_c) * targets_b)
 
 
-_REGISTRY = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+class BinaryCrossEntropy(NamedTuple):
+  """timm's `BinaryCrossEntropy` ("ResNet strikes back"): per-class BCE on (mixed) targets.
+
+  `l(z, t) = mean_c [-t'_c log sigmoid(z_c) - (1 - t'_c) log sigmoid(-z_c)]`,
+  f32[B] from logits f[B, C] and targets f32[B, C], where `t' = t` or, with a
+  `threshold`, `t' = 1[t > threshold]` (strictly greater, as timm's
+  `target.gt(threshold)`): every class of a mixed target heavier than the
+  threshold becomes a positive. The mean over classes is timm's
+  `reduction='mean'` per example (`sigmoid_cross_entropy` sums instead).
+
+  With a threshold the loss is not target-linear (`target_linear` False), so
+  it must see the mixed targets: `methods.get_objective` then mixes targets
+  (`interpolate=False`). Label smoothing happens before mixing and
+  thresholding (`mixing.to_targets`), as in timm.
+  """
+  threshold: Optional[float] = None
+
+  @property
+  def target_linear(self) -> bool:
+    return self.threshold is None
+
+  def __call__(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    _check_targets("binary_cross_entropy", logits, targets)
+    t = targets.astype(jnp.float32)
+    if self.threshold is not None:
+      t = (t > self.threshold).astype(jnp.float32)
+    z = logits.astype(jnp.float32)
+    return -jnp.mean(t * jax.nn.log_sigmoid(z) + (1 - t) * jax.nn.log_sigmoid(-z), axis=-1)
+
+
+def binary_cross_entropy(threshold: Optional[float] = None) -> BinaryCrossEntropy:
+  """A `BinaryCrossEntropy` loss; `threshold` None or in [0, 1)."""
+  if threshold is not None and not 0.0 <= float(threshold) < 1.0:
+    raise ValueError(f"binary_cross_entropy threshold must be None (soft targets) or in [0, 1) "
+                     f"(targets > threshold become 1; timm uses 0.2), got {threshold!r}.")
+  return BinaryCrossEntropy(None if threshold is None else float(threshold))
+
+
+def is_target_linear(loss_fn: LossFn) -> bool:
+  """Whether `loss_fn(z, s t1 + u t2) = s l(z, t1) + u l(z, t2)` (True unless it says otherwise)."""
+  return bool(getattr(loss_fn, "target_linear", True))
+
+
+_REGISTRY = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy,
+             "bce": binary_cross_entropy}
 LOSSES = tuple(_REGISTRY)  # Names `get_loss` takes.
 
 
-def get_loss(name: str) -> LossFn:
-  """'softmax_xent' or 'sigmoid_xent' (negative-cosine needs embeddings: `negative_cosine_loss`)."""
+def get_loss(name: str, threshold: Optional[float] = None) -> LossFn:
+  """A loss by name: 'softmax_xent', 'sigmoid_xent' or 'bce' (`binary_cross_entropy(threshold)`).
+
+  threshold: only for 'bce'. Negative-cosine needs embeddings: `negative_cosine_loss`.
+  """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(_REGISTRY)}.")
+  if name == "bce":
+    return binary_cross_entropy(threshold)
+  if threshold is not None:
+    raise ValueError(f"loss {name!r} takes no threshold (got threshold={threshold!r}); the "
+                     "target threshold belongs to loss 'bce'.")
   return _REGISTRY[name]

@@ -7,16 +7,22 @@ A method name joins at most one base and any wrappers with '+':
 
 A wrapper alone implies the 'mixup' base ('amp' == 'mixup+amp'). 'erm+mixupe'
 is the MixupE paper's Table 7 row "ERM + additional loss"; 'amp' needs a
-mixing base. This module sits above `objectives`, `amp` and `mixupe`, which
+mixing base. 'mixup' with `cutmix_alpha > 0` (or `cutmix_minmax`) is timm's
+mixup/CutMix switching (`policies.CutMix`); it takes no wrapper: AMP's
+lambda-gradient and MixupE's first-order weight need a scalar input
+coefficient, and a CutMix box is a mask. 'mixup' with `k > 2` is k-way Dirichlet mixing (`Dirichlet`), which
+takes no wrapper either (its draw has no single partner). This module sits above `objectives`, `amp` and `mixupe`, which
 never import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mixjax import amp as amp_lib
@@ -26,6 +32,7 @@ from mixjax import mixupe as mixupe_lib
 from mixjax import objectives
 from mixjax import pairing as pairing_lib
 from mixjax import policies
+from mixjax import sampling
 
 BASES = ("erm", "mixup", "untied", "dat")
 WRAPPERS = ("amp", "mixupe")
@@ -52,40 +59,165 @@ def parse(method: str) -> tuple[str, tuple[str, ...]]:
   return base, wrappers
 
 
+@dataclasses.dataclass(frozen=True)
+class Dirichlet:
+  """k-way mixing as an objective: `x~_i = sum_m w[i, m] x[perm_m[i]]`, `w_i ~ Dir(alpha 1_k)`.
+
+  The draw is `mixing.draw_dirichlet` (`perm_0` the identity, the others
+  random permutations; `largest_first` keeps the largest weight on the
+  example itself, as big_vision does); targets are smoothed, then mixed with
+  the same weights, and the loss is `loss_fn(outputs, mixed targets)` (equal
+  to the weighted losses for a target-linear loss). Its `mixing.Draw` holds
+  `coeffs = Coefficients(w, w)` with `w` f32[B, k], `perm` int32[k, B], the
+  mixed targets as `targets_a` and `targets_b = None`: not the one-partner
+  draw AMP and MixupE need, so `mixes` is False and neither wraps it. Inputs
+  are mixed at the input (no hidden point); partners are drawn over the whole
+  batch (not shard-local), so under a mesh the gather may cross devices.
+  """
+  alpha: float
+  k: int
+  loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
+  num_classes: Optional[int] = None
+  label_smoothing: float = 0.0
+  largest_first: bool = False
+  to_logits: Callable[[jax.Array], jax.Array] = objectives.identity
+  mesh: Optional[Mesh] = None
+  axis_name: mixing.AxisName = "data"
+
+  decomposes = True
+  mixes = False
+  policy = None
+  point = None
+
+  def __post_init__(self):
+    if int(self.k) != self.k or self.k < 2:
+      raise ValueError(f"Dirichlet k must be an integer >= 2, got {self.k!r}.")
+    sampling.resolve_beta(self.alpha, None)  # alpha > 0.
+
+  def init(self, sample_inputs: Any) -> dict:
+    del sample_inputs
+    return {}
+
+  def prepare(self, apply, variables, inputs, labels, key) -> objectives.Prepared:
+    """Weights, partners and mixed targets (first half of `key`); the rest is the dropout key."""
+    del apply, variables
+    batch = mixing.check_batch(inputs, labels)
+    k_mix, k_drop = jax.random.split(key)
+    w, perms = mixing.draw_dirichlet(k_mix, batch, alpha=self.alpha, k=int(self.k),
+                                     largest_first=self.largest_first)
+    targets = mixing.combine(
+        mixing.to_targets(labels, self.num_classes, self.label_smoothing), w, perms)
+    draw = mixing.Draw(policies.Coefficients(w, w), perms, targets, None)
+    return objectives.Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(w[:, 0])})
+
+  def forward(self, apply, variables, inputs, prepared):
+    d = prepared.draw
+    return apply(variables, mixing.combine(inputs, d.coeffs.lam_x, d.perm), key=prepared.key)
+
+  def per_example(self, outputs, draw):
+    return self.loss_fn(outputs, draw.targets_a)
+
+  def losses(self, apply, variables, inputs, prepared):
+    outputs, state = self.forward(apply, variables, inputs, prepared)
+    return self.per_example(outputs, prepared.draw), outputs, state
+
+  def __call__(self, apply, variables, inputs, labels, key):
+    prepared = self.prepare(apply, variables, inputs, labels, key)
+    per_example, _, state = self.losses(apply, variables, inputs, prepared)
+    loss = jnp.mean(per_example)
+    return loss, (state, {**prepared.metrics, "loss": loss})
+
+
 def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
                   beta: Optional[float] = None, per_example: bool = True,
                   pairing: str = "random", point: Optional[str] = None,
                   label_smoothing: float = 0.0, loss: str = "softmax_xent",
                   cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
                   amp: Optional[dict] = None, mixupe: Optional[dict] = None,
-                  mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data"
-                  ) -> objectives.Objective:
+                  mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data",
+                  image_shape: Optional[Sequence[int]] = None, cutmix_alpha: float = 0.0,
+                  switch_prob: float = 0.5, apply_prob: float = 1.0,
+                  cutmix_minmax: Optional[Sequence[float]] = None, correct_lam: bool = True,
+                  bce_threshold: Optional[float] = None, k: int = 2,
+                  largest_first: bool = False) -> objectives.Objective:
   """Builds the objective of a method name such as 'mixup', 'amp', 'untied+amp+mixupe'.
 
   alpha, beta: the Beta(alpha, beta) of the base's policy (and, for
   'erm+mixupe', of the D_lam whose E[1 - lam] weighs MixupE's term).
   amp: kwargs of `amp.amp` (e.g. {'eps': 0.002, 'mode': 'full'}).
   mixupe: kwargs of `mixupe.mixupe` (e.g. {'eta': 1e-3}).
-  loss: 'softmax_xent', 'sigmoid_xent' or 'cosine' (negative cosine against
-  fixed random class embeddings of `cosine_dim` dims drawn with `cosine_seed`;
-  the model then outputs f[B, cosine_dim]).
+  loss: 'softmax_xent', 'sigmoid_xent', 'bce' (`losses.BinaryCrossEntropy`
+  with `bce_threshold`; with a threshold targets are mixed, not losses) or
+  'cosine' (negative cosine against fixed random class embeddings of
+  `cosine_dim` dims drawn with `cosine_seed`; the model then outputs
+  f[B, cosine_dim]).
+
+  CutMix (`policies.cutmix`), timm's `Mixup` with `mixup_alpha=alpha`: with
+  `cutmix_alpha > 0` (or `cutmix_minmax` set) the 'mixup' base draws, per
+  example (or per batch, `per_example=False`), CutMix with probability
+  `switch_prob` (boxes from `Beta(cutmix_alpha, cutmix_alpha)` or
+  `cutmix_minmax`, `correct_lam`) and mixup with `Beta(alpha, alpha)`
+  otherwise, and mixes at all with probability `apply_prob`.
+  `image_shape` (H, W) or (H, W, C) of the inputs is then required;
+  `switch_prob=1` is CutMix only. Wrappers ('amp', 'mixupe') and hidden
+  points are refused (ValueError).
+  k: 2 is pairwise mixing; k > 2 with 'mixup' is k-way mixing with weights
+  `Dirichlet(alpha 1_k)` (`Dirichlet`, `largest_first` keeping the largest on
+  the example itself).
   """
   base, wrappers = parse(method)
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}.")
+  if bce_threshold is not None and loss != "bce":
+    raise ValueError(f"bce_threshold={bce_threshold!r} needs loss='bce', got loss={loss!r}.")
+  if int(k) != k or k < 2:
+    raise ValueError(f"k (examples mixed per example) must be an integer >= 2, got {k!r}.")
+  if k > 2 and (base != "mixup" or wrappers or point is not None):
+    raise ValueError(f"k={k} (k-way Dirichlet mixing) works with method 'mixup' at the input "
+                     f"only, got method {method!r} and point={point!r}; use k=2 otherwise.")
+  use_cutmix = base == "mixup" and (cutmix_alpha > 0 or cutmix_minmax is not None)
+  if base in ("untied", "dat") and (cutmix_alpha > 0 or cutmix_minmax is not None):
+    raise ValueError(f"cutmix_alpha={cutmix_alpha!r}, cutmix_minmax={cutmix_minmax!r}: CutMix "
+                     f"switches with mixup only; use method 'mixup', got {method!r}.")
+  if use_cutmix and wrappers:
+    raise ValueError(f"method {method!r} with CutMix (cutmix_alpha={cutmix_alpha!r}): "
+                     f"{list(wrappers)} are not defined on CutMix ('amp' needs a scalar input "
+                     "coefficient to differentiate, 'mixupe' the policy's first-order weight; "
+                     "a CutMix box is a hard mask). Use method 'mixup' or cutmix_alpha=0.")
+  if base != "erm" and not use_cutmix and apply_prob != 1.0:
+    raise ValueError(f"apply_prob={apply_prob!r} needs CutMix switching (cutmix_alpha > 0; "
+                     "switch_prob=0 for mixup only with an apply probability); got method "
+                     f"{method!r} with cutmix_alpha={cutmix_alpha!r}.")
   to_logits = objectives.identity
   if loss == "cosine":
     emb = losses_lib.class_embeddings(jax.random.key(cosine_seed), num_classes, cosine_dim)
     loss_fn = losses_lib.negative_cosine_loss(emb)
     to_logits = functools.partial(losses_lib.cosine_logits, embeddings=emb)
   else:
-    loss_fn = losses_lib.get_loss(loss)
+    loss_fn = losses_lib.get_loss(loss, bce_threshold) if loss == "bce" else (
+        losses_lib.get_loss(loss))
+  if not losses_lib.is_target_linear(loss_fn):
+    interpolate = False  # The loss must see the mixed targets.
 
   obj: Any
-  if base == "erm":
+  if k > 2:
+    obj = Dirichlet(alpha, int(k), loss_fn, num_classes, label_smoothing, largest_first,
+                    to_logits, mesh, axis_name)
+  elif base == "erm":
     obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name)
   else:
-    if base == "mixup":
+    if use_cutmix:
+      if image_shape is None or len(image_shape) not in (2, 3):
+        raise ValueError(f"CutMix (cutmix_alpha={cutmix_alpha!r}) needs image_shape=(H, W) or "
+                         f"(H, W, C) of the input images, got {image_shape!r}.")
+      if point is not None:
+        raise ValueError("CutMix mixes images at the input; point="
+                         f"{point!r} (a hidden mixing point) is not supported: use point=None.")
+      policy = policies.cutmix(
+          cutmix_alpha if cutmix_alpha > 0 else 1.0, tuple(int(n) for n in image_shape[:2]),
+          per_example, correct_lam, None if cutmix_minmax is None else tuple(cutmix_minmax),
+          alpha, switch_prob, apply_prob)
+    elif base == "mixup":
       policy = policies.mixup(alpha, beta, per_example)
     elif base == "untied":
       policy = policies.untied_mixup(alpha, alpha if beta is None else beta, per_example)

@@ -28,14 +28,25 @@ AxisName = Union[str, tuple[str, ...]]
 def _check_lam(lam: Any, batch: int) -> jax.Array:
   lam = jnp.asarray(lam)
   lam = lam.astype(jnp.promote_types(lam.dtype, jnp.float32))  # f32, or f64 under x64.
-  if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
+  if lam.ndim >= 1 and lam.shape[0] != batch:
     raise ValueError(
-        f"lam must be a scalar or a per-example vector f32[{batch}], got shape {lam.shape}.")
+        f"lam must be a scalar, a per-example vector f32[{batch}] or a per-example mask "
+        f"f32[{batch}, ...] (CutMix), got shape {lam.shape}.")
   checks.in_unit_interval("lam", lam)
   return lam
 
 
 def _mix_leaf(a: jax.Array, b: jax.Array, lam: jax.Array) -> jax.Array:
+  if lam.ndim > 1:  # A per-example mask (CutMix) must broadcast to the leaf.
+    try:
+      if lam.ndim > a.ndim:
+        raise ValueError
+      jnp.broadcast_shapes(lam.shape + (1,) * (a.ndim - lam.ndim), a.shape)
+    except ValueError:
+      raise ValueError(f"lam of shape {lam.shape} (a per-example mask such as CutMix's) does "
+                       f"not broadcast to an input leaf of shape {a.shape}; a mask f32[B, H, W, "
+                       "1] mixes images f[B, H, W, C] only (mix at the input, not a hidden "
+                       "point).") from None
   lam = lam.reshape(lam.shape + (1,) * (a.ndim - lam.ndim))
   compute = jnp.promote_types(a.dtype, jnp.float32)  # bf16 -> f32; f64 stays f64.
   lam = lam.astype(compute)
@@ -49,7 +60,8 @@ def mix(a: PyTree, b: PyTree, lam: Any) -> PyTree:
   Args:
     a, b: pytrees of the same structure, float leaves with a common leading
       batch axis B (images f[B, H, W, C], embeddings f[B, T, D], dicts ...).
-    lam: f32[] or f32[B], in [0, 1].
+    lam: f32[] or f32[B], in [0, 1]; or a per-example mask f32[B, ...] that
+      broadcasts to every leaf (CutMix: f32[B, H, W, 1] for images f[B, H, W, C]).
   Returns:
     A pytree like `a` (same shapes and dtypes).
   """
@@ -283,6 +295,12 @@ def pair(key: jax.Array, labels: jax.Array, pairing: pairing_lib.Pairing, *,
   With `mesh`, the pairing runs inside each shard of `axis_name` (shard `g` with
   key `fold_in(key, g)`), the same as `pairing.grouped(pairing, num_shards)`
   on one device, and the labels never leave their device.
+
+  Any batch size works, odd ones and 1 included (every pairing returns a
+  partner in [0, B)). A shard that holds a single example can only pair it
+  with itself, so shard-local mixing with a per-shard batch of 1 is the
+  identity (inputs and targets unchanged, no error): use a per-shard batch
+  of at least 2, or `shard_local=False`, to mix.
   """
   batch = labels.shape[0]
   if mesh is None:
@@ -296,28 +314,60 @@ def pair(key: jax.Array, labels: jax.Array, pairing: pairing_lib.Pairing, *,
   return jax.shard_map(body, mesh=mesh, in_specs=P(axis_name), out_specs=P(axis_name))(labels)
 
 
+def draw_dirichlet(key: jax.Array, batch: int, *, alpha: float, k: int,
+                   largest_first: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Weights and partners of k-way mixing: (w f32[B, k], perms int32[k, B]).
+
+  `w[i] ~ Dirichlet(alpha * 1_k)` per example; `perms[0]` is the identity and
+  `perms[1:]` are independent uniformly random permutations (any B >= 1).
+  largest_first: sort each row of `w` in decreasing order, so the example
+  itself always has the largest weight (big_vision's option: the mix stays
+  closest to its own image and label).
+  """
+  if int(k) != k or k < 2:
+    raise ValueError(f"k (the number of examples mixed) must be an integer >= 2, got {k!r}.")
+  k_w, k_p = jax.random.split(key)
+  w = sampling.sample_dirichlet(k_w, alpha, int(k), (int(batch),))
+  if largest_first:
+    w = -jnp.sort(-w, axis=-1)
+  perms = jnp.concatenate([
+      jnp.arange(batch, dtype=jnp.int32)[None],
+      jax.vmap(lambda kk: jax.random.permutation(kk, batch).astype(jnp.int32))(
+          jax.random.split(k_p, int(k) - 1)),
+  ])
+  return w, perms
+
+
+def combine(tree: PyTree, w: jax.Array, perms: jax.Array) -> PyTree:
+  """`sum_m w[:, m] * leaf[perms[m]]` for every leaf (f32 arithmetic, leaf dtype kept).
+
+  tree: float leaves with batch axis B; w: f32[B, k]; perms: int32[k, B].
+  """
+  batch, k = w.shape
+
+  def leaf(x):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    out = sum(w[:, m].reshape((batch,) + (1,) * (x.ndim - 1)).astype(xf.dtype) * xf[perms[m]]
+              for m in range(k))
+    return out.astype(x.dtype)
+  return jax.tree_util.tree_map(leaf, tree)
+
+
 def mix_dirichlet(key: jax.Array, inputs: PyTree, labels: jax.Array, *, alpha: float, k: int,
-                  num_classes: Optional[int] = None) -> tuple[PyTree, jax.Array]:
+                  num_classes: Optional[int] = None, label_smoothing: float = 0.0,
+                  largest_first: bool = False) -> tuple[PyTree, jax.Array]:
   """k-way mixing with per-example weights `w ~ Dirichlet(alpha * 1_k)`.
 
   Example `i` is mixed with `k - 1` partners from independent random
-  permutations: `sum_m w[i, m] * x[perm_m[i]]` (`perm_0` = identity).
-  Returns (mixed inputs like `inputs`, mixed targets f32[B, C]).
+  permutations: `sum_m w[i, m] * x[perm_m[i]]` (`perm_0` = identity); the
+  draw is `draw_dirichlet(key, B, alpha=alpha, k=k, largest_first=...)`.
+  Returns (mixed inputs like `inputs`, mixed targets f32[B, C], smoothed
+  before mixing).
   """
   checks.float_leaves("inputs", inputs)
   batch = checks.batch_size("inputs", inputs)
   if checks.batch_size("labels", labels) != batch:
     raise ValueError("labels and inputs must have the same batch size.")
-  targets = to_targets(labels, num_classes)
-  k_w, k_p = jax.random.split(key)
-  w = sampling.sample_dirichlet(k_w, alpha, k, (batch,))
-  perms = jnp.concatenate([
-      jnp.arange(batch)[None],
-      jax.vmap(lambda kk: jax.random.permutation(kk, batch))(jax.random.split(k_p, k - 1)),
-  ])
-
-  def combine(x):
-    xf = x.astype(jnp.float32)
-    out = sum(w[:, m].reshape((batch,) + (1,) * (x.ndim - 1)) * xf[perms[m]] for m in range(k))
-    return out.astype(x.dtype)
-  return jax.tree_util.tree_map(combine, inputs), combine(targets)
+  targets = to_targets(labels, num_classes, label_smoothing)
+  w, perms = draw_dirichlet(key, batch, alpha=alpha, k=k, largest_first=largest_first)
+  return combine(inputs, w, perms), combine(targets, w, perms)

@@ -250,6 +250,144 @@ class Weighted:
                      "draws).")
 
 
+def _check_prob(name: str, value: Any) -> Any:
+  """`value` in [0, 1] (concrete values only; traced ones are left to the caller)."""
+  if not checks.is_traced(value) and not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
+  return value
+
+
+@_pytree(data=("alpha", "mixup_alpha", "switch_prob", "apply_prob"),
+         meta=("image_shape", "per_example", "correct_lam", "minmax"))
+@dataclasses.dataclass(frozen=True)
+class CutMix:
+  """CutMix (Yun et al. 2019), optionally switching with mixup, as timm's `Mixup` does.
+
+  The input coefficient is a mask, not a number: `lam_x` is f32[B, H, W, 1],
+  1 where the example keeps its own pixels and 0 inside the box pasted from its
+  partner, so `mixing.mix_with_partner` (which broadcasts `lam` over the
+  non-batch axes) makes the CutMix image and every objective works unchanged.
+  `lam_y` is the label weight of the example itself: f32[B] (per_example) or
+  f32[] (one draw for the batch; the mask is then the same for every example).
+
+  Each draw (per example or per batch):
+  1. with probability `1 - apply_prob` nothing is mixed (mask 1, `lam_y` 1);
+  2. else, if `mixup_alpha > 0`, CutMix with probability `switch_prob` and
+     mixup with `lam ~ Beta(mixup_alpha, mixup_alpha)` otherwise (a constant
+     mask `lam`, `lam_y = lam`); with `mixup_alpha = 0` always CutMix;
+  3. CutMix: `lam ~ Beta(alpha, alpha)`, box of side `int(H * sqrt(1 - lam))`
+     by `int(W * sqrt(1 - lam))` centred at a uniform pixel `(cy, cx)` and
+     clipped to the image (timm's `rand_bbox`); with `minmax=(lo, hi)` the box
+     sides are instead uniform integers in `[int(H lo), int(H hi))` (and W),
+     placed wholly inside the image (timm's `rand_bbox_minmax`).
+     `lam_y` is `1 - box area / (H W)` (the kept area) when `correct_lam`
+     or `minmax` is set, else the drawn `lam`.
+
+  alpha, mixup_alpha, switch_prob, apply_prob: floats or f32[] (pytree
+  leaves). image_shape: static (H, W). per_example, correct_lam: static bools.
+  minmax: None or a static (lo, hi) with 0 < lo < hi <= 1.
+
+  Methods: `amp` is not defined on a CutMix draw (its lambda-gradient needs a
+  scalar input coefficient, a hard box has none) and `methods.get_objective`
+  refuses both AMP and MixupE on it; MixupE's first-order weight is not defined either
+  (`first_order_weight` raises). Hidden-layer mixing points are refused too:
+  the mask has the image's shape.
+  """
+  alpha: Scalar
+  image_shape: tuple[int, int]
+  per_example: bool = True
+  correct_lam: bool = True
+  minmax: Optional[tuple[float, float]] = None
+  mixup_alpha: Scalar = 0.0
+  switch_prob: Scalar = 0.5
+  apply_prob: Scalar = 1.0
+
+  def __post_init__(self):
+    shape = tuple(self.image_shape) if isinstance(self.image_shape, (tuple, list)) else ()
+    if len(shape) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+      raise ValueError(f"CutMix image_shape must be (H, W), two positive ints (the image's "
+                       f"height and width, without channels), got {self.image_shape!r}.")
+    object.__setattr__(self, "image_shape", tuple(int(n) for n in shape))
+    if self.minmax is not None:
+      mm = tuple(float(v) for v in self.minmax)
+      h, w = self.image_shape
+      if (len(mm) != 2 or not 0.0 < mm[0] < mm[1] <= 1.0
+          or int(h * mm[0]) >= int(h * mm[1]) or int(w * mm[0]) >= int(w * mm[1])):
+        raise ValueError(f"CutMix minmax must be (lo, hi) with 0 < lo < hi <= 1 and at least "
+                         f"one integer box side in [int(H lo), int(H hi)) for image_shape "
+                         f"{self.image_shape}, got {self.minmax!r}; use None for boxes from lam.")
+      object.__setattr__(self, "minmax", mm)
+    alpha, _ = sampling.resolve_beta(self.alpha, None)
+    object.__setattr__(self, "alpha", alpha)
+    if not checks.is_traced(self.mixup_alpha) and float(self.mixup_alpha) < 0:
+      raise ValueError(f"CutMix mixup_alpha must be >= 0 (0: CutMix only), got "
+                       f"{self.mixup_alpha!r}.")
+    _check_prob("CutMix switch_prob", self.switch_prob)
+    _check_prob("CutMix apply_prob", self.apply_prob)
+    object.__setattr__(self, "per_example", bool(self.per_example))
+    object.__setattr__(self, "correct_lam", bool(self.correct_lam))
+
+  @property
+  def beta(self) -> Scalar:
+    return self.alpha
+
+  def __call__(self, key: jax.Array, batch_size: int) -> Coefficients:
+    n = int(batch_size) if self.per_example else 1
+    h, w = self.image_shape
+    k_apply, k_switch, k_mix, k_lam, k_h, k_w, k_y, k_x = jax.random.split(key, 8)
+    lam = sampling.sample_beta(k_lam, self.alpha, self.alpha, (n,))
+    if self.minmax is None:
+      ratio = jnp.sqrt(1.0 - lam)
+      cut_h = jnp.floor(h * ratio).astype(jnp.int32)
+      cut_w = jnp.floor(w * ratio).astype(jnp.int32)
+      cy = jax.random.randint(k_y, (n,), 0, h)
+      cx = jax.random.randint(k_x, (n,), 0, w)
+      y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+      x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+    else:
+      lo, hi = self.minmax
+      cut_h = jax.random.randint(k_h, (n,), int(h * lo), int(h * hi))
+      cut_w = jax.random.randint(k_w, (n,), int(w * lo), int(w * hi))
+      y0 = jax.random.randint(k_y, (n,), 0, h - cut_h)
+      x0 = jax.random.randint(k_x, (n,), 0, w - cut_w)
+      y1, x1 = y0 + cut_h, x0 + cut_w
+    rows, cols = jnp.arange(h), jnp.arange(w)
+    in_rows = (rows >= y0[:, None]) & (rows < y1[:, None])  # [n, H]
+    in_cols = (cols >= x0[:, None]) & (cols < x1[:, None])  # [n, W]
+    box = in_rows[:, :, None] & in_cols[:, None, :]  # [n, H, W]
+    kept = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / float(h * w)
+    lam_cut = kept if (self.correct_lam or self.minmax is not None) else lam
+
+    mixup_alpha = jnp.asarray(self.mixup_alpha, jnp.float32)
+    lam_mix = sampling.sample_beta(k_mix, jnp.where(mixup_alpha > 0, mixup_alpha, 1.0),
+                                   jnp.where(mixup_alpha > 0, mixup_alpha, 1.0), (n,))
+    use_cut = (mixup_alpha <= 0) | (jax.random.uniform(k_switch, (n,)) < self.switch_prob)
+    applied = jax.random.uniform(k_apply, (n,)) < self.apply_prob
+    mask = jnp.where(use_cut[:, None, None], 1.0 - box.astype(jnp.float32),
+                     lam_mix[:, None, None])
+    mask = jnp.where(applied[:, None, None], mask, 1.0)[..., None].astype(jnp.float32)
+    lam_y = jnp.where(applied, jnp.where(use_cut, lam_cut, lam_mix), 1.0).astype(jnp.float32)
+    if not self.per_example:
+      return Coefficients(jnp.broadcast_to(mask, (int(batch_size), h, w, 1)), lam_y[0])
+    return Coefficients(mask, lam_y)
+
+  def first_order_weight(self) -> float:
+    """Not defined for CutMix: ValueError saying what to pass instead."""
+    raise ValueError("CutMix has no first-order weight: MixupE's term expands the loss along "
+                     "x_j - x_i with a scalar coefficient, and a CutMix box is not a scalar "
+                     "coefficient. Use MixupE with a mixup-family policy, or pass it an "
+                     "explicit weight=<value> at your own risk.")
+
+
+def cutmix(alpha: Scalar, image_shape: tuple[int, int], per_example: bool = True,
+           correct_lam: bool = True, minmax: Optional[tuple[float, float]] = None,
+           mixup_alpha: Scalar = 0.0, switch_prob: Scalar = 0.5,
+           apply_prob: Scalar = 1.0) -> CutMix:
+  """CutMix, optionally switched with mixup (timm's `Mixup`): see `CutMix`."""
+  return CutMix(alpha, image_shape, per_example, correct_lam, minmax, mixup_alpha, switch_prob,
+                apply_prob)
+
+
 def erm() -> Erm:
   """No mixing: both coefficients are 1 (see `Erm`)."""
   return Erm()
@@ -279,7 +417,11 @@ _REGISTRY = {"erm": erm, "mixup": mixup, "untied": untied_mixup, "dat": dat}
 
 
 def get_policy(name: str, **kwargs) -> Policy:
-  """Builds a policy by name: one of 'erm', 'mixup', 'untied', 'dat'."""
+  """Builds a policy by name: one of 'erm', 'mixup', 'untied', 'dat'.
+
+  CutMix needs the image shape: build it with `cutmix(...)`, or through
+  `methods.get_objective('mixup', cutmix_alpha=..., image_shape=(H, W))`.
+  """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown policy {name!r}; choose one of {sorted(_REGISTRY)}.")
   return _REGISTRY[name](**kwargs)

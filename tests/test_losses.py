@@ -100,3 +100,57 @@ def test_negative_cosine_is_scale_invariant_so_q_hat_vanishes():
   t = jax.nn.one_hot(jnp.arange(5) % 3, 3)
   np.testing.assert_allclose(loss_fn(3.0 * f, t), loss_fn(f, t), rtol=1e-6)
   np.testing.assert_allclose(mixupe.q_approx(loss_fn, f, t), 0.0, atol=1e-6)
+
+
+def test_label_smoothing_then_mixing_by_hand():
+  """timm's `mixup_target`: smooth each one-hot (off = s/C, on = 1 - s + s/C), then mix."""
+  from mixjax import mixing
+  t = mixing.to_targets(np.array([0, 2]), 4, label_smoothing=0.1)
+  np.testing.assert_allclose(t[0], [0.925, 0.025, 0.025, 0.025], rtol=1e-6)
+  mixed = mixing.mix(t, t[::-1], np.array([0.7, 0.7], np.float32))
+  np.testing.assert_allclose(mixed[0], [0.655, 0.025, 0.295, 0.025], rtol=1e-5)
+  z = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0]], np.float32)
+  hand = -(np.array([0.655, 0.025, 0.295, 0.025]) * _np_log_softmax(z[0])).sum()
+  for interpolate in (True, False):
+    got = losses.mixup_loss(losses.softmax_cross_entropy, z, t, t[::-1], 0.7, interpolate)
+    np.testing.assert_allclose(got[0], hand, rtol=1e-5)
+
+
+def _np_bce(z, t):
+  return -(t * np.log(1 / (1 + np.exp(-z))) + (1 - t) * np.log(1 / (1 + np.exp(z)))).mean(-1)
+
+
+def test_bce_with_threshold_against_numpy():
+  z = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+  mixed = np.array([[0.655, 0.025, 0.295, 0.025]], np.float32)
+  np.testing.assert_allclose(losses.get_loss("bce")(z, mixed), _np_bce(z, mixed), rtol=1e-5)
+  hard = np.array([[1.0, 0.0, 1.0, 0.0]])  # > 0.2 becomes 1 (timm: target.gt(threshold)).
+  np.testing.assert_allclose(losses.get_loss("bce", threshold=0.2)(z, mixed), _np_bce(z, hard),
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.binary_cross_entropy(0.295)(z, mixed),
+                             _np_bce(z, np.array([[1.0, 0, 0, 0]])), rtol=1e-5)  # Strictly >.
+  assert losses.is_target_linear(losses.get_loss("bce"))
+  assert not losses.is_target_linear(losses.get_loss("bce", threshold=0.2))
+  with pytest.raises(ValueError, match="threshold"):
+    losses.get_loss("softmax_xent", threshold=0.2)
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    losses.binary_cross_entropy(1.5)
+
+
+def test_bce_threshold_objective_mixes_targets():
+  """With a threshold the objective thresholds the mixed target, not each one-hot."""
+  from mixjax import adapters, methods
+  obj = methods.get_objective("mixup", num_classes=4, loss="bce", bce_threshold=0.2,
+                              label_smoothing=0.1)
+  assert obj.interpolate is False
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  y = np.array([0, 1, 2, 3, 0])
+  apply = adapters.make_apply_fn(lambda p, x: x * p)
+  prepared = obj.prepare(apply, {"params": 2.0}, x, y, jax.random.key(0))
+  per_example, out, _ = obj.losses(apply, {"params": 2.0}, x, prepared)
+  d = prepared.draw
+  ly = np.asarray(d.coeffs.lam_y)[:, None]
+  t = np.asarray(d.targets_a) * ly + np.asarray(d.targets_b) * (1 - ly)
+  np.testing.assert_allclose(per_example, _np_bce(np.asarray(out), (t > 0.2) * 1.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="needs loss='bce'"):
+    methods.get_objective("mixup", num_classes=4, bce_threshold=0.2)

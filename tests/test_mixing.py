@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import stats
 
 import mixjax
 from mixjax import checks, losses, mixing, pairing, policies, sampling
@@ -230,3 +231,88 @@ def test_bad_inputs_are_named_not_broadcast():
     losses.mixup_loss(losses.softmax_cross_entropy, jnp.zeros((3, 3)), t, t, 1.5)
   with pytest.raises(ValueError, match="lam"):
     sampling.untied_gamma(jnp.array([0.5, 1.2]), 2.0, 1.0)
+
+
+# ---- any batch size ---------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_every_pairing_mixes_odd_batches_and_batch_one(batch):
+  x, y = _batch(batch, seed=batch)
+  x = {"image": x["image"]}  # A CutMix mask f32[B, 4, 4, 1] mixes images only.
+  for name in ("reverse", "roll", "random", "same_class"):
+    for pol in (policies.mixup(0.5), policies.cutmix(1.0, (4, 4), mixup_alpha=0.5)):
+      mb = mixing.mix_batch(jax.random.key(batch), x, y, policy=pol, num_classes=3,
+                            pairing=pairing.get_pairing(name))
+      perm = np.asarray(mb.perm)
+      assert perm.shape == (batch,) and np.all((perm >= 0) & (perm < batch)), name
+      if name != "same_class":
+        assert sorted(perm) == list(range(batch)), name  # A permutation.
+      lx = np.asarray(mb.coeffs.lam_x)
+      li = lx.reshape(lx.shape + (1,) * (4 - lx.ndim)) if lx.ndim < 4 else lx
+      np.testing.assert_allclose(mb.inputs["image"],
+                                 li * x["image"] + (1 - li) * x["image"][perm], atol=1e-5)
+      if batch == 1:  # The only partner is the example itself: nothing changes.
+        chex.assert_trees_all_close(mb.inputs, x, atol=1e-6)
+        np.testing.assert_allclose(mb.targets, np.eye(3)[y], atol=1e-6)
+
+
+def test_shard_local_batch_of_one_per_shard_is_the_identity():
+  """A shard holding one example can only pair it with itself: mixing is the identity."""
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  x, y = _batch(8, seed=2)
+  mb = jax.jit(lambda k, x, y: mixing.mix_batch(k, x, y, policy=policies.mixup(1.0),
+                                                num_classes=3, mesh=mesh))(
+      jax.random.key(0), *jax.device_put((x, y), NamedSharding(mesh, P("data"))))
+  np.testing.assert_array_equal(mb.perm, np.arange(8))
+  chex.assert_trees_all_close(jax.device_get(mb.inputs), x, atol=1e-6)
+  np.testing.assert_allclose(mb.targets, np.eye(3)[y], atol=1e-6)
+
+
+# ---- k-way Dirichlet mixing -------------------------------------------------
+
+def test_draw_dirichlet_weights_and_partners():
+  alpha, k, n = 0.6, 3, 3000
+  w, perms = mixing.draw_dirichlet(jax.random.key(0), n, alpha=alpha, k=k)
+  w = np.asarray(w, np.float64)
+  np.testing.assert_allclose(w.sum(1), 1, atol=1e-5)
+  assert stats.kstest(w[:, 0], stats.beta(alpha, (k - 1) * alpha).cdf).pvalue > 1e-3
+  np.testing.assert_array_equal(perms[0], np.arange(n))
+  for p in np.asarray(perms[1:]):
+    assert sorted(p) == list(range(n))
+  ws, _ = mixing.draw_dirichlet(jax.random.key(1), n, alpha=alpha, k=k, largest_first=True)
+  ws = np.asarray(ws, np.float64)
+  assert np.all(np.diff(ws, axis=1) <= 0)  # The example itself has the largest weight.
+  ref = np.random.default_rng(0).dirichlet(alpha * np.ones(k), n).max(1)
+  assert stats.ks_2samp(ws[:, 0], ref).pvalue > 1e-3
+  with pytest.raises(ValueError, match="k .* >= 2"):
+    mixing.draw_dirichlet(jax.random.key(0), 4, alpha=1.0, k=1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mix_dirichlet_and_the_k_way_objective_against_numpy(batch):
+  from mixjax import adapters, methods
+  x, y = _batch(batch, seed=3)
+  x = x["image"].reshape(batch, -1)
+  xm, tm = mixing.mix_dirichlet(jax.random.key(2), x, y, alpha=1.0, k=3, num_classes=3,
+                                label_smoothing=0.1, largest_first=True)
+  w, perms = (np.asarray(v) for v in mixing.draw_dirichlet(jax.random.key(2), batch, alpha=1.0,
+                                                           k=3, largest_first=True))
+  t = np.eye(3)[y] * 0.9 + 0.1 / 3
+  np.testing.assert_allclose(xm, sum(w[:, m, None] * x[perms[m]] for m in range(3)), atol=1e-5)
+  np.testing.assert_allclose(tm, sum(w[:, m, None] * t[perms[m]] for m in range(3)), atol=1e-6)
+
+  obj = methods.get_objective("mixup", num_classes=3, k=3, label_smoothing=0.1,
+                              largest_first=True)
+  assert isinstance(obj, methods.Dirichlet) and not obj.mixes
+  proj = np.random.default_rng(0).normal(size=(x.shape[1], 3)).astype(np.float32)
+  apply = adapters.make_apply_fn(lambda p, x: x @ p)
+  loss, _ = obj(apply, {"params": proj}, x, y, jax.random.key(4))
+  d = obj.prepare(apply, {"params": proj}, x, y, jax.random.key(4)).draw
+  w, perms = np.asarray(d.coeffs.lam_x), np.asarray(d.perm)
+  z = sum(w[:, m, None] * x[perms[m]] for m in range(3)) @ proj
+  tt = sum(w[:, m, None] * t[perms[m]] for m in range(3))
+  logp = z - z.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  np.testing.assert_allclose(loss, -(tt * logp).sum(1).mean(), rtol=1e-4)
+  with pytest.raises(ValueError, match="k=3"):
+    methods.get_objective("mixup+amp", num_classes=3, k=3)
