@@ -370,7 +370,6 @@ def validate(config: ConfigDict) -> None:
                      "submodule (e.g. the embedding) for mixing methods.")
 
 
-<<<<<<< HEAD
 def choices() -> dict[str, str]:
   """{config key: its allowed values, as text}, read from the library's registries.
 
@@ -440,7 +439,8 @@ def describe(config: Optional[ConfigDict] = None) -> str:
       line += f"  # {notes[key]}"
     lines.append(line)
   return "\n".join(lines)
-=======
+
+
 def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
   """The CutMix, BCE-threshold and k-way keys of `config.mix` (ValueError naming the key)."""
   m = config.mix
@@ -487,4 +487,3 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
                        f"(config.dataset.input_shape=(H, W, C), got "
                        f"{tuple(config.dataset.input_shape)}) mixed at the input "
                        f"(config.mix.point=None, got {m.point!r}).")
->>>>>>> cutmix
