@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import json
 import os
 import signal
 import sys
@@ -113,31 +112,6 @@ def create_train_state(config: ml_collections.ConfigDict, module: Any,
   return jax.jit(init, out_shardings=state_sharding)(), state_sharding
 
 
-# Config keys that may change between a run and its resumption (logging, checkpoint
-# cadence, where the data live); any other change needs allow_config_change.
-RESUME_FREE_KEYS = ("method", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                    "keep_checkpoints", "progress_bar", "eval_batch_size", "dataset.prefetch",
-                    "dataset.data_dir")
-
-
-def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat_json(v, f"{prefix}{k}."))
-  return out
-
-
-def config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
-  """'key: saved -> now' for each config key (outside RESUME_FREE_KEYS) that differs."""
-  saved, now = _flat_json(json.loads(saved_json)), _flat_json(json.loads(config.to_json()))
-  missing = "<absent>"
-  return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
-          for k in sorted(set(saved) | set(now))
-          if k not in RESUME_FREE_KEYS and saved.get(k, missing) != now.get(k, missing)]
-
-
 def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, method: str,
                        workdir: str, config: Optional[ml_collections.ConfigDict] = None,
                        allow_config_change: bool = False) -> tuple[ts.TrainState, int]:
@@ -158,7 +132,7 @@ def restore_checkpoint(ckpt: checkpointing.Checkpointer, state: ts.TrainState, m
   if meta.get("method", method) != method:
     raise ValueError(f"{workdir} holds a checkpoint of method {meta.get('method')!r}, "
                      f"not {method!r}; use another --workdir.")
-  changes = config_changes(meta["config"], config) if config and "config" in meta else []
+  changes = config_utils.config_changes(meta["config"], config) if config and "config" in meta else []
   if changes and not allow_config_change:
     raise ValueError(
         f"{workdir} holds a checkpoint (step {start}) written with another config: "
@@ -182,7 +156,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   `allow_config_change`: resume a checkpoint written with other config values.
   """
   mesh = from_config.mesh(config)
-  check_before_data(config, mesh)
+  from_config.check_before_data(config, mesh)
   ckpt = None
   if workdir:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -195,7 +169,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   apply_eval = _f32_outputs(adapters.make_apply(module, train=False))
 
   data = from_config.data(config, mesh, start_step=0)
-  check_labels(config, data)
+  from_config.check_labels(config, data)
   steps, per_epoch = from_config.total_steps(config, data.train_examples)
   schedule = optim.make_schedule(config, steps, per_epoch)
   tx = optim.make_optimizer(config, schedule)
@@ -213,7 +187,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.close()
       raise
   last = min(steps, max_steps) if max_steps else steps
-  final_eval = _final_eval(workdir, last) if start == last else None
+  final_eval = metrics_writer.final_eval(workdir, last) if start == last else None
   if final_eval is not None:  # Already done: report it, write nothing.
     data.train.close()
     ckpt.close()
@@ -369,66 +343,6 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       ckpt.close()
     writer.close()
   return result
-
-
-def check_before_data(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  """Raises ValueError for what `config` and the devices decide alone, before data loads.
-
-  The global batch must split evenly over the mesh's devices, and a
-  warmup_cosine warm-up must be shorter than the run when both lengths are
-  known without the data (total_steps, or num_epochs with synthetic data).
-  """
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
-  shards = sharding.num_batch_shards(mesh)
-  if config.batch_size % shards:
-    fit = -(-config.batch_size // shards) * shards
-    raise ValueError(
-        f"config.batch_size={config.batch_size} is split over {shards} devices "
-        f"(config.mesh_data={config.mesh_data}, config.mesh_fsdp={config.mesh_fsdp}, "
-        f"{jax.device_count()} devices) and must be a multiple of {shards}: use e.g. "
-        f"--config.batch_size={fit}, or fewer devices with --config.mesh_data.")
-  examples = config.dataset.train_examples if config.dataset.name == "synthetic" else 0
-  per_epoch = examples / config.batch_size if examples else None
-  steps = from_config.total_steps(config, examples)[0] if examples else config.total_steps
-  if steps and (config.schedule.warmup_steps or per_epoch):
-    optim.make_schedule(config, steps, per_epoch or 1.0)  # Raises for a warm-up >= steps.
-
-
-def _final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
-  """{'eval', 'eval_ema'?, 'train'} of a run whose eval at `step` is in workdir's logs, or None."""
-  path = os.path.join(workdir, "metrics.jsonl") if workdir else ""
-  if not os.path.exists(path):
-    return None
-  records = metrics_writer.read_jsonl(path)
-  evals = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
-  if not evals:
-    return None
-  rec = evals[-1]
-  keys = ("loss", "top1", "top5", "ece", "fgsm_top1")
-  out = {"eval": {k: rec[k] for k in keys if k in rec},
-         "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
-  if "ema_top1" in rec:
-    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in keys if f"ema_{k}" in rec}
-  return out
-
-
-def check_labels(config: ml_collections.ConfigDict, data: from_config.Data) -> None:
-  """Raises ValueError if the training labels fall outside [0, config.dataset.num_classes).
-
-  Checked for in-memory datasets (TFDS streams are not scanned).
-  """
-  labels = getattr(getattr(data.train, "dataset", None), "labels", None)
-  if labels is None or not len(labels):
-    return
-  lo, hi, n = int(np.min(labels)), int(np.max(labels)), config.dataset.num_classes
-  if lo < 0 or hi >= n:
-    data.train.close()
-    raise ValueError(f"config.dataset.num_classes={n} but the training labels of dataset "
-                     f"{config.dataset.name!r} span [{lo}, {hi}]; set "
-                     f"config.dataset.num_classes to at least {hi + 1} (labels must be "
-                     "0..num_classes-1).")
 
 
 def _any_process(flag: bool, step: int, config) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 from typing import Any, Optional, Sequence
 
@@ -487,3 +488,28 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
                        f"(config.dataset.input_shape=(H, W, C), got "
                        f"{tuple(config.dataset.input_shape)}) mixed at the input "
                        f"(config.mix.point=None, got {m.point!r}).")
+
+
+# Config keys that may change between a run and its resumption (logging, checkpoint
+# cadence, where the data live); any other change needs allow_config_change.
+RESUME_FREE_KEYS = ("method", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                    "keep_checkpoints", "progress_bar", "eval_batch_size", "dataset.prefetch",
+                    "dataset.data_dir")
+
+
+def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat_json(v, f"{prefix}{k}."))
+  return out
+
+
+def config_changes(saved_json: str, config: ConfigDict) -> list[str]:
+  """'key: saved -> now' for each config key (outside RESUME_FREE_KEYS) that differs."""
+  saved, now = _flat_json(json.loads(saved_json)), _flat_json(json.loads(config.to_json()))
+  missing = "<absent>"
+  return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
+          for k in sorted(set(saved) | set(now))
+          if k not in RESUME_FREE_KEYS and saved.get(k, missing) != now.get(k, missing)]

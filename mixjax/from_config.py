@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from mixjax import input_pipeline
 from mixjax import methods
 from mixjax import objectives
+from mixjax import optim
 from mixjax import sharding
 
 ConfigDict = ml_collections.ConfigDict
@@ -167,3 +168,45 @@ def total_steps(config: ConfigDict, train_examples: int) -> tuple[int, float]:
   per_epoch = train_examples / config.batch_size
   steps = config.total_steps or int(math.ceil(config.num_epochs * per_epoch))
   return steps, per_epoch
+
+
+def check_before_data(config: ConfigDict, mesh: Mesh) -> None:
+  """Raises ValueError for what `config` and the devices decide alone, before data loads.
+
+  The global batch must split evenly over the mesh's devices, and a
+  warmup_cosine warm-up must be shorter than the run when both lengths are
+  known without the data (total_steps, or num_epochs with synthetic data).
+  """
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
+  shards = sharding.num_batch_shards(mesh)
+  if config.batch_size % shards:
+    fit = -(-config.batch_size // shards) * shards
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is split over {shards} devices "
+        f"(config.mesh_data={config.mesh_data}, config.mesh_fsdp={config.mesh_fsdp}, "
+        f"{jax.device_count()} devices) and must be a multiple of {shards}: use e.g. "
+        f"--config.batch_size={fit}, or fewer devices with --config.mesh_data.")
+  examples = config.dataset.train_examples if config.dataset.name == "synthetic" else 0
+  per_epoch = examples / config.batch_size if examples else None
+  steps = total_steps(config, examples)[0] if examples else config.total_steps
+  if steps and (config.schedule.warmup_steps or per_epoch):
+    optim.make_schedule(config, steps, per_epoch or 1.0)  # Raises for a warm-up >= steps.
+
+
+def check_labels(config: ConfigDict, data: Data) -> None:
+  """Raises ValueError if the training labels fall outside [0, config.dataset.num_classes).
+
+  Checked for in-memory datasets (TFDS streams are not scanned).
+  """
+  labels = getattr(getattr(data.train, "dataset", None), "labels", None)
+  if labels is None or not len(labels):
+    return
+  lo, hi, n = int(np.min(labels)), int(np.max(labels)), config.dataset.num_classes
+  if lo < 0 or hi >= n:
+    data.train.close()
+    raise ValueError(f"config.dataset.num_classes={n} but the training labels of dataset "
+                     f"{config.dataset.name!r} span [{lo}, {hi}]; set "
+                     f"config.dataset.num_classes to at least {hi + 1} (labels must be "
+                     "0..num_classes-1).")

@@ -294,3 +294,21 @@ class ProgressBar:
 
 def format_metrics(values: dict[str, Any], keys: Iterable[str]) -> str:
   return ", ".join(f"{k}={values[k]:.4g}" for k in keys if isinstance(values.get(k), float))
+
+
+def final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
+  """{'eval', 'eval_ema'?, 'train'} of a run whose eval at `step` is in workdir's logs, or None."""
+  path = os.path.join(workdir, "metrics.jsonl") if workdir else ""
+  if not os.path.exists(path):
+    return None
+  records = read_jsonl(path)
+  evals = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+  if not evals:
+    return None
+  rec = evals[-1]
+  keys = ("loss", "top1", "top5", "ece", "fgsm_top1")
+  out = {"eval": {k: rec[k] for k in keys if k in rec},
+         "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
+  if "ema_top1" in rec:
+    out["eval_ema"] = {k: rec[f"ema_{k}"] for k in keys if f"ema_{k}" in rec}
+  return out
