@@ -1,6 +1,7 @@
 """PreActResNet-18 on cifar100 (TFDS), 200 epochs.
 
-Paper (mixup, PreActResNet-18) test error: ERM 25.6 / mixup 21.1; Untied MixUp (table 2, CE): B(0.9,0.9) 22.020% vs U(B(1.4,0.7)) 21.884%.
+Paper (mixup, PreActResNet-18) test error: ERM 25.6 / mixup 21.1; Untied MixUp (table 2, CE):
+B(0.9,0.9) 22.020% vs U(B(1.4,0.7)) 21.884%.
 `:paper=mixup|untied|mixupe` picks the paper's setup (see configs/_image_small.py);
 e.g. Untied MixUp with negative-cosine loss and the paper's policy for it, U(B(1.3, 0.9))
 (table 2, uMixUp-NC):

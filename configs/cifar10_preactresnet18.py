@@ -1,6 +1,7 @@
 """PreActResNet-18 on cifar10 (TFDS), 200 epochs.
 
-Paper (mixup, PreActResNet-18, 200 epochs) test error: ERM 5.6 / mixup 4.2; Untied MixUp (table 1, CE): mixup B(0.9,0.9) 4.199% vs U(B(2.2,0.9)) 4.177%.
+Paper (mixup, PreActResNet-18, 200 epochs) test error: ERM 5.6 / mixup 4.2; Untied MixUp
+(table 1, CE): mixup B(0.9,0.9) 4.199% vs U(B(2.2,0.9)) 4.177%.
 `:paper=mixup|untied|mixupe` picks the paper's setup (see configs/_image_small.py);
 e.g. Untied MixUp with negative-cosine loss and the paper's policy for it, U(B(1.8, 1.0))
 (table 1, uMixUp-NC):
