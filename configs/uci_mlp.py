@@ -1,4 +1,4 @@
-"""MLP (2 x 128, ReLU) on UCI tables (mixup_beyond_erm 3.5; mixupe section 4).
+"""MLP (2 x 128, ReLU) on UCI tables (mixup_beyond_erm 3.6; mixupe section 4.2).
 
 mixup paper: Adam (default lr 1e-3), batch 16, 10 epochs. `:paper=mixupe`:
 batch 100, 25 epochs. The default dataset is UCI Iris, shipped with

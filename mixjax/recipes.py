@@ -34,7 +34,7 @@ def image_config(dataset: str, model: str, paper: str, method: str) -> ConfigDic
   paper='mixup': batch 128, per-batch pairing (mixup_beyond_erm, section 3.2).
   paper='untied': per-example lam, two shuffled copies of the training set
     paired each epoch (untied_mixup_directional_adversarial_training, 6.1).
-  paper='mixupe': batch 100, SGD 0.1, steps at 100 / 150 (mixupe, section 4).
+  paper='mixupe': batch 100, SGD 0.1, steps at 100 / 150 (mixupe, section 4.1).
   All: 200 epochs, SGD momentum 0.9, weight decay 1e-4, lr / 10 at 100, 150.
   """
   if paper not in ("mixup", "untied", "mixupe"):

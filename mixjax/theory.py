@@ -187,11 +187,29 @@ def directional_derivatives(apply_fn: ApplyFn, x: jax.Array,
   return jax.jvp(first, (t0,), (jnp.ones_like(t0),))
 
 
+CENTERS = ("lam1", "mean")
+
+
 def quadratic_terms(apply_fn: ApplyFn, link: Union[str, Link], x: jax.Array, y: jax.Array,
                     alpha: float, beta: Optional[float] = None, *,
                     references: Optional[jax.Array] = None,
-                    batch_size: Optional[int] = None) -> MixupTerms:
+                    batch_size: Optional[int] = None, center: str = "lam1") -> MixupTerms:
   """Lemma 3.1: the standard loss and R1, R2, R3 of the mixup loss with Beta(alpha, beta).
+
+  Lemma 3.1 writes the mixup loss exactly as `1/n sum_i E_{lam ~ D_lam, r} l_i(x~_i)`,
+  `x~_i = x_i + (1 - lam)(r - x_i)`, `l_i(v) = h(f(v)) - y_i . f(v)`, and expands each
+  `l_i` to second order. `center` says around which point:
+
+  - 'lam1' (the paper's): at lam = 1, i.e. around `x_i`. `standard` is the standard
+    loss, and with `v_r = r - x_i`, `e1 = E[1-lam]`, `e2 = E[(1-lam)^2]`:
+    `r1 = e1/n sum_i (h'(f(x_i)) - y_i)^T J E_r v_r`, `r2 = e2/2n sum_i E_r (J v_r)^T h''
+    (J v_r)`, `r3 = e2/2n sum_i (h' - y_i)^T E_r D^2 f[v_r, v_r]`, all at `x_i`.
+  - 'mean': around the mean mixed input `m_i = E[x~_i] = x_i + e1 (r_bar - x_i)`
+    (`r_bar` the mean reference). The first-order term vanishes (`r1 = 0`), `standard`
+    is `1/n sum_i l_i(m_i)`, and with `delta = x~_i - m_i`, `E[delta delta^T] = e2 E_r
+    v_r v_r^T - e1^2 v_bar v_bar^T` (`v_bar = r_bar - x_i`): `r2` and `r3` are the
+    terms above at `m_i` with `e2 E_r[q(v_r)]` replaced by `e2 E_r[q(v_r)] - e1^2
+    q(v_bar)` for each quadratic form `q`.
 
   Args:
     apply_fn: batched model `f[B, ...] -> f[B, m]` (or f[B]); eval mode.
@@ -202,11 +220,14 @@ def quadratic_terms(apply_fn: ApplyFn, link: Union[str, Link], x: jax.Array, y: 
       empirical distribution of the paper; pass a subsample for large n).
     batch_size: examples `i` processed at once (memory: batch_size * n_r inputs);
       None: all n at once (`jax.vmap`).
+    center: 'lam1' (default, Lemma 3.1) or 'mean' (see above).
   Returns:
     `MixupTerms` (f32[] each); `.approx` is the quadratic approximation.
 
   Cost: 2 nested JVPs per pair (i, r) plus Hessian-vector products of `h`.
   """
+  if center not in CENTERS:
+    raise ValueError(f"center must be one of {CENTERS}, got {center!r}.")
   x, y = _check_xy(apply_fn, x, y)
   batch_size = _check_batch_size(batch_size)
   h = get_link(link)
@@ -216,26 +237,40 @@ def quadratic_terms(apply_fn: ApplyFn, link: Union[str, Link], x: jax.Array, y: 
                      f"got {refs.shape}.")
   e1, e2 = d_lam_moments(alpha, beta)
   fn = _outputs_2d(apply_fn)
-  outputs = fn(x)
   grad_h = jax.grad(h)
 
-  def per_example(args):
-    xi, fi, yi = args
-    d1, d2 = directional_derivatives(fn, xi, refs - xi[None])
+  def forms(xi, fi, yi, directions):
+    """Per direction v: ((h' - y)^T J v, (J v)^T h'' (J v), (h' - y)^T D^2 f[v, v]) at xi."""
+    d1, d2 = directional_derivatives(fn, xi, directions)
     resid = grad_h(fi) - yi                                   # h'(f(x_i)) - y_i, f32[m]
     hd1 = jax.vmap(lambda u: jax.jvp(grad_h, (fi,), (u,))[1])(d1)  # h''(f) J v, f32[k, m]
-    return (jnp.mean(d1 @ resid), jnp.mean(jnp.sum(d1 * hd1, axis=-1)),
-            jnp.mean(d2 @ resid))
+    return d1 @ resid, jnp.sum(d1 * hd1, axis=-1), d2 @ resid
 
-  t1, t2, t3 = _map(per_example, (x, outputs, y), batch_size)
+  if center == "lam1":
+    points = x
+  else:
+    points = x + e1 * (jnp.mean(refs, axis=0)[None] - x)      # m_i
+  outputs = fn(points)
+
+  def per_example(args):
+    xi, pi, fi, yi = args
+    t1, t2, t3 = forms(pi, fi, yi, refs - xi[None])
+    if center == "lam1":
+      return jnp.mean(t1), e2 * jnp.mean(t2), e2 * jnp.mean(t3)
+    _, b2, b3 = forms(pi, fi, yi, (jnp.mean(refs, axis=0) - xi)[None])
+    return (jnp.zeros((), t1.dtype), e2 * jnp.mean(t2) - e1 ** 2 * b2[0],
+            e2 * jnp.mean(t3) - e1 ** 2 * b3[0])
+
+  t1, t2, t3 = _map(per_example, (x, points, outputs, y), batch_size)
   standard = jnp.mean(glm_loss(h, outputs, y))
-  return MixupTerms(standard, e1 * jnp.mean(t1), 0.5 * e2 * jnp.mean(t2), 0.5 * e2 * jnp.mean(t3))
+  return MixupTerms(standard, e1 * jnp.mean(t1), 0.5 * jnp.mean(t2), 0.5 * jnp.mean(t3))
 
 
 def approximate_mixup_loss(apply_fn: ApplyFn, link: Union[str, Link], x: jax.Array,
                            y: jax.Array, alpha: float, beta: Optional[float] = None,
                            **kwargs) -> jax.Array:
-  """`L~_mix = L_std + R1 + R2 + R3` (f32[]), differentiable in the model's parameters."""
+  """`L~_mix = L_std + R1 + R2 + R3` (f32[]), differentiable in the model's parameters
+  (`center='mean'`: the expansion around the mean mixed input, see `quadratic_terms`)."""
   return quadratic_terms(apply_fn, link, x, y, alpha, beta, **kwargs).approx
 
 

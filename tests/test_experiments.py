@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 import train
+from mixjax import attacks
 from mixjax import config_utils
 from mixjax import input_pipeline
 from mixjax import methods
@@ -189,6 +190,41 @@ def test_gan_discriminator_batches():
   (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "paper")
   assert xa.shape == xb.shape == (8, 2) and np.all(np.asarray(xb) == 5.0)  # real, fake
   assert np.all(np.asarray(xa) != 5.0) and np.all(ta == 1) and np.all(tb == 0)
+  # code+real_fake: every pair one real and one fake, in either order; labels follow.
+  fakes = jnp.full((64, 2), 5.0)
+  (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), "code+real_fake")
+  fa, fb = np.all(np.asarray(xa) == 5.0, -1), np.all(np.asarray(xb) == 5.0, -1)
+  assert xa.shape == (64, 2) and np.all(fa != fb) and 0 < fa.sum() < 64
+  np.testing.assert_array_equal(np.asarray(ta)[:, 0], ~fa)
+  np.testing.assert_array_equal(np.asarray(tb)[:, 0], ~fb)
+  for name in ("code+beta", "code+mixed_g"):                 # two pools of 32 + 32
+    (xa, xb), (ta, tb) = batch(key, fakes, modes, jnp.int32(25), name)
+    assert xa.shape == (64, 2) and np.asarray(ta).sum() == np.asarray(tb).sum() == 32
+
+
+def test_gan_single_change_formulations():
+  # Each variant is the script's formulation with exactly one of the paper's three changes.
+  code, paper = gan.FORMULATIONS["code"], gan.FORMULATIONS["paper"]
+  fields = ("lam", "pairing", "mixed_g")
+  assert all(getattr(code, f) != getattr(paper, f) for f in fields)
+  for name, changed in (("code+beta", "lam"), ("code+real_fake", "pairing"),
+                        ("code+mixed_g", "mixed_g")):
+    f = gan.FORMULATIONS[name]
+    assert [k for k in fields if getattr(f, k) != getattr(code, k)] == [changed]
+  assert gan.FORMULATIONS["code+beta"].lam == paper.lam
+  assert gan.FORMULATIONS["code+mixed_g"].mixed_g == paper.mixed_g
+  key = jax.random.key(0)
+  beta = np.asarray(common.jit(gan.mixing_policy("code+beta", 0.2), fast=True,
+                               static_argnums=1)(key, 20000).lam_x)
+  edges = np.linspace(0, 1, 11)
+  expected = len(beta) * np.diff(stats.beta(0.2, 0.2).cdf(edges))
+  assert stats.chisquare(np.histogram(beta, edges)[0], expected).pvalue > 1e-3
+  for name in ("code+real_fake", "code+mixed_g"):
+    lam = np.asarray(common.jit(gan.mixing_policy(name, 0.2), fast=True,
+                                static_argnums=1)(key, 1000).lam_x)
+    assert lam.max() < 0.2
+  assert [gan.num_fakes(f, 128) for f in (None, "code", "paper", "code+real_fake")] == [
+      128, 256, 128, 256]
 
 
 def test_inbetween_stats_of_a_linear_model_by_hand():
@@ -256,9 +292,15 @@ def test_help(module, capsys):
 
 def test_twomoons_quick(tmp_path):
   out = str(tmp_path)
-  r = twomoons.main(["--quick", "--out", out])
+  r = twomoons.main(["--quick", "--out", out, "--seeds", "2"])
   _check_files(r, out, "twomoons")
-  assert len(r["figures"]) == 2
+  assert len(r["figures"]) == 3 and r["seeds"] == [0, 1]
+  assert "over 2 seeds" in _read(out, "twomoons")
+  for errs in r["scale_errors"]["Logistic regression"]:
+    # Lemma 3.1's expansion at lam = 1 gets worse as the logits grow; the expansion
+    # around the mean mixed input is closer at every scale tried here.
+    assert np.all(np.diff(errs["lam1"]) > 0)
+    assert np.all(errs["mean"] < errs["lam1"])
   log = r["records"]["Logistic regression"]
   assert np.all(np.isfinite(log["mix_train"])) and np.all(np.isfinite(log["approx_train"]))
   assert log["mix_train"][-1] < log["mix_train"][0]      # training lowers the mixup loss
@@ -293,21 +335,45 @@ def test_corrupted_labels_quick(tmp_path):
 
 def test_gan_quick(tmp_path):
   out = str(tmp_path)
-  r = gan.main(["--quick", "--out", out, "--formulations", "code,paper"])
+  r = gan.main(["--quick", "--out", out, "--formulations", "code+mixed_g,paper",
+                "--datasets", "8gaussians", "--seeds", "2"])
   _check_files(r, out, "gan")
-  assert list(r["methods"].values()) == [None, "code", "paper"]
-  assert len(r["runs"]) == 6
+  assert list(r["methods"].values()) == [None, "code+mixed_g", "paper"]
+  assert len(r["runs"]) == 6 and r["seeds"] == [0, 1]
   for samples in r["runs"].values():
     assert sorted(samples) == r["snapshots"]
     assert all(s.shape == (2000, 2) and np.all(np.isfinite(s)) for s in samples.values())
+  for (d, m), st in r["stats"].items():                   # [seeds, snapshots, 2]
+    assert st.shape == (2, len(r["snapshots"]), 2)
+    for seed_index, seed in enumerate(r["seeds"]):
+      expected = [gan.mode_stats(r["runs"][d, m, seed][s], gan.centers(d)) for s in r["snapshots"]]
+      np.testing.assert_allclose(st[seed_index], expected)
+  assert "± " in _read(out, "gan") and "over 2 seeds" in _read(out, "gan")
 
 
 def test_inbetween_quick(tmp_path):
   out = str(tmp_path)
-  r = inbetween.main(["--quick", "--out", out])
+  r = inbetween.main(["--quick", "--out", out, "--seeds", "2", "--pairs", "100"])
   _check_files(r, out, "inbetween")
-  for miss, norm in r["stats"].values():
+  for name, (miss, norm) in r["stats"].items():
     assert np.all((miss >= 0) & (miss <= 1)) and np.all(norm > 0)
+    runs = r["per_seed"][name]
+    assert len(runs) == 2 and not np.array_equal(runs[0][0], runs[1][0])  # own split / init
+    np.testing.assert_allclose(miss, (runs[0][0] + runs[1][0]) / 2)
+  assert "over 2 seed(s)" in _read(out, "inbetween")
+
+
+def test_robustness_table_over_seeds():
+  res = lambda top1, clean: attacks.Result(top1, top1 / 2, clean)  # noqa: E731
+  per_seed = [{"white": {"FGSM": {"ERM": res(0.5, 0.1)}, "I-FGSM": {"ERM": res(0.9, 0.1)}},
+               "black": {"FGSM": {"mixup": res(0.2, 0.1)}, "I-FGSM": {"mixup": res(0.3, 0.1)}}},
+              {"white": {"FGSM": {"ERM": res(0.7, 0.1)}, "I-FGSM": {"ERM": res(1.0, 0.1)}},
+               "black": {"FGSM": {"mixup": res(0.4, 0.1)}, "I-FGSM": {"mixup": res(0.3, 0.1)}}}]
+  text = robustness.table3_over_seeds(per_seed)
+  assert "| Top-1 | ERM | 60.0 ± 10.0 | 95.0 ± 5.0 |" in text
+  assert "| Top-5 | ERM | 30.0 ± 5.0 | 47.5 ± 2.5 |" in text
+  assert "| Top-1 | mixup | 30.0 ± 10.0 | 30.0 ± 0.0 |" in text
+  assert "(b) Black box attacks." in text
 
 
 def test_ablations_quick(tmp_path):

@@ -148,6 +148,81 @@ def test_quadratic_model_closed_form_r3():
   assert abs(r3) > 0.1 * abs(r2)
 
 
+def test_logistic_regression_closed_form_around_the_mean_mixed_input():
+  # center='mean': expand l_i at m_i = x_i + e1 (r_bar - x_i). Linear f: R1 = 0 (the first
+  # order term has mean zero), R3 = 0, and R2 = 1/2n sum_i sigma'(f(m_i)) theta^T Cov theta,
+  # Cov = e2 E_r[v v^T] - e1^2 v_bar v_bar^T, v = r - x_i: recomputed in NumPy.
+  x, y, theta = _logistic_data()
+  bias = 0.3
+  terms = theory.quadratic_terms(lambda v: v @ theta.astype(np.float32) + bias, "logistic",
+                                 x.astype(np.float32), y.astype(np.float32), ALPHA,
+                                 batch_size=5, center="mean")
+  e1, e2 = sampling.expected_one_minus_lam(ALPHA), sampling.expected_sq_one_minus_lam(ALPHA)
+  rbar = x.mean(0)
+  m = x + e1 * (rbar - x)
+  f = m @ theta + bias
+  g = _sigmoid(f)
+  diffs = x[None, :, :] - x[:, None, :]                        # [i, r, d] = r - x_i
+  var = e2 * np.mean((diffs @ theta) ** 2, axis=1) - e1 ** 2 * ((rbar - x) @ theta) ** 2
+  r2 = 0.5 * np.mean(g * (1 - g) * var)
+  std = np.mean(np.logaddexp(0, f) - y * f)
+  np.testing.assert_allclose([terms.standard, terms.r2], [std, r2], rtol=2e-5)
+  assert float(terms.r1) == 0.0 and float(terms.r3) == 0.0
+
+
+def test_quadratic_model_closed_form_around_the_mean_mixed_input():
+  # f(x) = x^T A x / 2 + c^T x: at m_i, grad f = A m_i + c and D^2 f[u, u] = u^T A u, and
+  # each quadratic form q enters as e2 E_r q(v_r) - e1^2 q(v_bar); in NumPy.
+  rng = np.random.default_rng(4)
+  n, d = 16, 3
+  x = rng.normal(size=(n, d))
+  a = rng.normal(size=(d, d))
+  a = (a + a.T) / 2
+  c = rng.normal(size=d)
+  y = rng.integers(0, 2, n).astype(np.float64)
+  a32, c32 = a.astype(np.float32), c.astype(np.float32)
+  fn = lambda v: 0.5 * jnp.einsum("bi,ij,bj->b", v, a32, v) + v @ c32  # noqa: E731
+  terms = theory.quadratic_terms(fn, "logistic", x.astype(np.float32), y.astype(np.float32), 2.0,
+                                 center="mean")
+  e1, e2 = theory.d_lam_moments(2.0)
+  vbar = x.mean(0) - x
+  m = x + e1 * vbar
+  f = 0.5 * np.einsum("bi,ij,bj->b", m, a, m) + m @ c
+  g = _sigmoid(f)
+  grad = m @ a + c
+  diffs = x[None, :, :] - x[:, None, :]
+  quad_j = (e2 * np.mean(np.einsum("ird,id->ir", diffs, grad) ** 2, 1)
+            - e1 ** 2 * np.sum(vbar * grad, -1) ** 2)
+  quad_a = (e2 * np.mean(np.einsum("ird,de,ire->ir", diffs, a, diffs), 1)
+            - e1 ** 2 * np.einsum("id,de,ie->i", vbar, a, vbar))
+  np.testing.assert_allclose(
+      [terms.standard, terms.r2, terms.r3],
+      [np.mean(np.logaddexp(0, f) - y * f), 0.5 * np.mean(g * (1 - g) * quad_j),
+       0.5 * np.mean((g - y) * quad_a)], rtol=1e-4)
+  assert float(terms.r1) == 0.0 and abs(float(terms.r3)) > 1e-3 * abs(float(terms.r2))
+
+
+@pytest.mark.parametrize("center", theory.CENTERS)
+def test_both_expansions_are_exact_for_a_loss_quadratic_in_the_input(center):
+  # Squared link, linear model: l_i(v) = (w.v + b)^2 / 2 - y_i (w.v + b) is quadratic in v,
+  # so any second-order expansion is exact. The mixup loss in closed form (Lemma 3.1's
+  # per-example form with the D_lam moments e1, e2), in NumPy.
+  rng = np.random.default_rng(5)
+  n, d = 12, 3
+  x, w, b = rng.normal(size=(n, d)), rng.normal(size=d), 0.4
+  y = rng.normal(size=n)
+  e1, e2 = theory.d_lam_moments(0.7, 1.3)
+  fx = x @ w + b
+  fv = (x[None, :, :] - x[:, None, :]) @ w                     # [i, r] = w . (r - x_i)
+  exact = np.mean(0.5 * (fx ** 2 + 2 * e1 * fx * fv.mean(1) + e2 * np.mean(fv ** 2, 1))
+                  - y * (fx + e1 * fv.mean(1)))
+  with jax.enable_x64(True):
+    fn = lambda v: v @ w + b  # noqa: E731
+    terms = theory.quadratic_terms(fn, "squared", x, y, 0.7, 1.3, center=center)
+    quadrature = theory.mixup_loss_exact(fn, "squared", x, y, 0.7, 1.3, num_nodes=8)
+  np.testing.assert_allclose([float(terms.approx), float(quadrature)], [exact, exact], rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------- vs the mixup loss
 
 
@@ -286,6 +361,8 @@ def test_bad_arguments_raise():
     theory.quadratic_terms(fn, "logistic", x, y, 1.0, batch_size=0)
   with pytest.raises(ValueError, match="dtype"):
     theory.quadratic_terms(fn, "logistic", x.astype(np.int32), y, 1.0)
+  with pytest.raises(ValueError, match="center must be one of"):
+    theory.quadratic_terms(fn, "logistic", x, y, 1.0, center="x")
   with pytest.raises(ValueError, match="one model output"):
     theory.adversarial_loss_approx(lambda v: jnp.stack([v @ theta] * 2, -1), "softmax", x,
                                    np.ones((8, 2)), 0.1)

@@ -16,8 +16,18 @@ Figure 5, differs from that formula, and `--formulations code` (the default) fol
 - the data: ring of radius 1, grid in [-1, 1]^2, standard deviation 0.01;
 - PyTorch's default initialisation of linear layers (`networks`: the zoo's GAN nets
   with `pytorch_init`).
-`--formulations paper` trains the formula above instead (same data). Both keep the
-min-max game as written (the generator maximises the discriminator's loss). As in
+`--formulations paper` trains the formula above instead (same data). It changes
+three things at once, and the three single-change variants each take the script's
+formulation and change exactly one:
+- `code+beta`: lam ~ Beta(alpha, alpha) instead of Uniform(0, alpha);
+- `code+real_fake`: every discriminator pair is one real and one fake sample
+  (in random order, as the pools pair them; 2 B pairs as in the script) instead
+  of pool-with-pool pairs that can be real-real or fake-fake;
+- `code+mixed_g`: the generator maximises the discriminator's mixed loss (the
+  script's mixing) instead of taking the plain step.
+All keep the min-max game as written (the generator maximises the discriminator's
+loss). The paper's formula also gives the discriminator B mixed examples per step
+where the script gives it 2 B. As in
 the paper: fully connected nets with three hidden layers of 512 ReLU units, 2-D
 Gaussian noise, minibatches of 128, Adam with default parameters, five
 discriminator steps per generator step, samples after 10, 100, 1000, 10000 and
@@ -29,6 +39,7 @@ within NEAR of their centre, and the fraction of such samples.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -49,7 +60,27 @@ NAME = "gan"
 STD = 0.01
 NEAR = 0.1      # a fifth of the grid spacing
 CRITIC_STEPS = 5
-FORMULATIONS = ("code", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class Formulation:
+  """How a mixup GAN mixes: lam ('uniform': Uniform(0, alpha); 'beta': Beta(alpha,
+  alpha)), the discriminator's pairs ('pools': a real-and-fake pool with a second one;
+  'real_first': a real sample with a fake, lam on the real one; 'real_fake': one real
+  and one fake in random order) and whether the generator maximises the mixed loss
+  (`mixed_g`) or takes the plain GAN step."""
+  lam: str
+  pairing: str
+  mixed_g: bool
+
+
+FORMULATIONS = {
+    "code": Formulation("uniform", "pools", False),       # the released script
+    "paper": Formulation("beta", "real_first", True),     # Section 3.7 as written
+    "code+beta": Formulation("beta", "pools", False),
+    "code+real_fake": Formulation("uniform", "real_fake", False),
+    "code+mixed_g": Formulation("uniform", "pools", True),
+}
 TX = optax.adam(1e-3)  # "Adam with default parameters"
 
 
@@ -103,25 +134,37 @@ def uniform_policy(alpha: float) -> policies.Policy:
 
 
 def mixing_policy(mixup: Optional[str], alpha: float) -> policies.Policy:
-  """The discriminator's coefficients: Uniform(0, alpha) for 'code', Beta(alpha, alpha) for
-  'paper', ones (no mixing) for ERM (mixup=None)."""
-  if mixup not in (None,) + FORMULATIONS:
-    raise ValueError(f"mixup must be None or one of {FORMULATIONS}, got {mixup!r}.")
-  if mixup == "code":
+  """The discriminator's coefficients for formulation `mixup` (a FORMULATIONS key):
+  Uniform(0, alpha) ('code', 'code+real_fake', 'code+mixed_g'), Beta(alpha, alpha)
+  ('paper', 'code+beta'), ones (no mixing) for ERM (mixup=None)."""
+  if mixup is not None and mixup not in FORMULATIONS:
+    raise ValueError(f"mixup must be None or one of {tuple(FORMULATIONS)}, got {mixup!r}.")
+  if mixup is None:
+    return policies.erm()
+  if FORMULATIONS[mixup].lam == "uniform":
     return uniform_policy(alpha)
-  if mixup == "paper":
-    return policies.mixup(alpha)
-  return policies.erm()
+  return policies.mixup(alpha)
+
+
+def num_fakes(mixup: Optional[str], batch: int) -> int:
+  """Generated samples `discriminator_batch` takes for formulation `mixup`: 2 B for the
+  script's two pools and for 2 B real-fake pairs, B for ERM and the paper's B pairs."""
+  if mixup is None or FORMULATIONS[mixup].pairing == "real_first":
+    return batch
+  return 2 * batch
 
 
 def discriminator_batch(key: jax.Array, fakes: jax.Array, modes: jax.Array,
                         num_modes: jax.Array, mixup: Optional[str]):
-  """The discriminator's `training.PartnerMixup` batch, with generated samples f32[k B, 2].
+  """The discriminator's `training.PartnerMixup` batch, with generated samples
+  f32[num_fakes(mixup, B), 2].
 
   ERM (None): a pool of B real and B fake samples shuffled together, labelled
-  1 / 0, as its own partner (fakes: B). 'code': two such pools, example i of the
-  first mixed with example i of the second (fakes: 2 B). 'paper': B real samples,
-  each mixed with one fake, labels 1 and 0 (fakes: B).
+  1 / 0, as its own partner. Pairing 'pools' ('code', 'code+beta',
+  'code+mixed_g'): two such pools, example i of the first mixed with example i
+  of the second. 'real_first' ('paper'): B real samples, each mixed with one
+  fake, labels 1 and 0. 'real_fake' ('code+real_fake'): 2 B pairs of one real
+  and one fake sample, which one comes first drawn per pair (Bernoulli(1/2)).
   Returns ((x_a, x_b) f32[N, 2], (t_a, t_b) f32[N, 1]).
   """
   def pool(key, fake):
@@ -133,10 +176,16 @@ def discriminator_batch(key: jax.Array, fakes: jax.Array, modes: jax.Array,
     return x[perm], t[perm]
 
   k1, k2 = jax.random.split(key)
-  if mixup == "paper":                       # d(lam x + (1 - lam) g(z)) -> lam
+  pairing = None if mixup is None else FORMULATIONS[mixup].pairing
+  if pairing in ("real_first", "real_fake"):  # d(lam x + (1 - lam) g(z)) -> lam
     real = sample_data(k1, modes, fakes.shape[0], num_modes)
-    return (real, fakes), (jnp.ones((len(real), 1)), jnp.zeros((len(real), 1)))
-  if mixup == "code":                        # a pool mixed with a second pool
+    ones, zeros = jnp.ones((len(real), 1)), jnp.zeros((len(real), 1))
+    if pairing == "real_first":
+      return (real, fakes), (ones, zeros)
+    first = jax.random.bernoulli(k2, 0.5, (len(real), 1))   # True: the real one first
+    return ((jnp.where(first, real, fakes), jnp.where(first, fakes, real)),
+            (jnp.where(first, ones, zeros), jnp.where(first, zeros, ones)))
+  if pairing == "pools":                     # a pool mixed with a second pool
     (xa, ta), (xb, tb) = pool(k1, fakes[0::2]), pool(k2, fakes[1::2])
     return (xa, xb), (ta, tb)
   x, t = pool(k1, fakes)
@@ -150,9 +199,10 @@ def _chunk(state, modes, num_modes, key, *, gen, disc, batch: int, iters: int,
   g_apply = adapters.make_apply(gen, train=True)
   d_apply = adapters.make_apply(disc, train=True)
   d_objective = training.PartnerMixup(mixing_policy(mixup, alpha), losses.sigmoid_cross_entropy)
-  g_kind = "paper" if mixup == "paper" else None  # The released script: ERM step for g.
+  # The released script: the plain (ERM) step for g; 'paper' and 'code+mixed_g': the mixed loss.
+  g_kind = mixup if mixup is not None and FORMULATIONS[mixup].mixed_g else None
   g_target = training.PartnerMixup(mixing_policy(g_kind, alpha), losses.sigmoid_cross_entropy)
-  num_fakes = 2 * batch if mixup == "code" else batch
+  d_fakes, g_fakes = num_fakes(mixup, batch), num_fakes(g_kind, batch)
 
   def one_iter(state, key):
     g_state, d_state = state
@@ -161,7 +211,7 @@ def _chunk(state, modes, num_modes, key, *, gen, disc, batch: int, iters: int,
 
     def d_step(d_state, key):
       k_z, k_batch = jax.random.split(key)
-      fakes, _ = g_apply(g_vars, jax.random.normal(k_z, (num_fakes, 2)))
+      fakes, _ = g_apply(g_vars, jax.random.normal(k_z, (d_fakes, 2)))
       inputs, labels = discriminator_batch(k_batch, fakes, modes, num_modes, mixup)
       d_state, _ = train_step_lib.train_step(d_state, {"inputs": inputs, "labels": labels},
                                              objective=d_objective, apply=d_apply, tx=TX)
@@ -178,7 +228,7 @@ def _chunk(state, modes, num_modes, key, *, gen, disc, batch: int, iters: int,
       d_loss, _ = g_target(d_apply, d_vars, d_inputs, d_labels, k_loss)
       return -d_loss, ({}, {"loss": -d_loss})
 
-    z = jax.random.normal(keys[-1], (batch, 2))  # (No labels: g_objective makes its own.)
+    z = jax.random.normal(keys[-1], (g_fakes, 2))  # (No labels: g_objective makes its own.)
     g_state, _ = train_step_lib.train_step(g_state, {"inputs": z, "labels": z},
                                            objective=g_objective, apply=g_apply, tx=TX)
     return (g_state, d_state), None
@@ -233,33 +283,56 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       default=None, help="generator iterations to plot "
                       "(default 10,100,1000,10000,20000; --quick: 10,50)")
   parser.add_argument("--hidden", type=int, default=None, help="width (default 512; quick 64)")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="runs per cell, seeds seed, seed + 1, ... (default 1); cells are "
+                           "then mean ± std over seeds and the figure shows the first seed")
+  parser.add_argument("--datasets", type=common.csv_names,
+                      default=["8gaussians", "25gaussians"],
+                      help="from 8gaussians,25gaussians (default: both)")
   args = parser.parse_args(argv)
+  bad = [d for d in args.datasets if d not in ("8gaussians", "25gaussians")]
+  if bad:
+    parser.error(f"unknown datasets {bad}; choose from 8gaussians, 25gaussians")
   unknown = [f for f in args.formulations if f not in FORMULATIONS]
   if unknown:
     parser.error(f"unknown formulations {unknown}; choose from {list(FORMULATIONS)}")
+  if args.seeds < 1:
+    parser.error(f"--seeds must be at least 1, got {args.seeds}")
   snapshots = args.snapshots or ([10, 50] if args.quick else [10, 100, 1000, 10000, 20000])
   hidden = args.hidden or (64 if args.quick else 512)
-  datasets = ("8gaussians", "25gaussians")
+  seeds = [args.seed + i for i in range(args.seeds)]
+  datasets = tuple(args.datasets)
   methods = {"ERM GAN": None}
   methods.update({f"mixup GAN, {f} (alpha = {args.alpha:g})": f for f in args.formulations})
-  runs = {}
+  runs, stats = {}, {}
   for d in datasets:
     for m, f in methods.items():
-      runs[d, m] = train(d, f, alpha=args.alpha, hidden=hidden, snapshots=snapshots,
-                         seed=args.seed, fast=args.quick)
-      print(f"[{d}, {m}: trained]", flush=True)
+      for seed in seeds:
+        runs[d, m, seed] = train(d, f, alpha=args.alpha, hidden=hidden, snapshots=snapshots,
+                                 seed=seed, fast=args.quick)
+        print(f"[{d}, {m}, seed {seed}: trained]", flush=True)
+      # f32[seeds, snapshots, 2]: (modes covered, fraction of samples near a mode).
+      stats[d, m] = np.asarray([[mode_stats(runs[d, m, seed][s], centers(d)) for s in snapshots]
+                                for seed in seeds], np.float64)
 
   rows = []
-  for (d, m), samples in runs.items():
-    stats = [mode_stats(samples[s], centers(d)) for s in snapshots]
-    rows.append([d, m] + [f"{c}/{len(centers(d))}, {100 * q:.0f}%" for c, q in stats])
+  for (d, m), st in stats.items():
+    k = len(centers(d))
+    if len(seeds) == 1:
+      cells = [f"{c:.0f}/{k}, {100 * q:.0f}%" for c, q in st[0]]
+    else:
+      cells = [f"{c.mean():.1f} ± {c.std():.1f} /{k}, {100 * q.mean():.0f}%"
+               for c, q in zip(st[:, :, 0].T, st[:, :, 1].T)]
+    rows.append([d, m] + cells)
   table = common.markdown_table(["Data", "Method"] + [f"iter {s}" for s in snapshots], rows)
 
   plt = common.pyplot()
-  fig, axes = plt.subplots(len(runs), len(snapshots), figsize=(2.2 * len(snapshots),
-                                                               2.2 * len(runs)), squeeze=False)
+  shown = [(d, m) for d in datasets for m in methods]
+  fig, axes = plt.subplots(len(shown), len(snapshots), figsize=(2.2 * len(snapshots),
+                                                                2.2 * len(shown)), squeeze=False)
   rng = np.random.default_rng(args.seed)
-  for r, ((d, m), samples) in enumerate(runs.items()):
+  for r, (d, m) in enumerate(shown):
+    samples = runs[d, m, seeds[0]]
     real = centers(d)[rng.integers(0, len(centers(d)), 1000)] + STD * rng.normal(size=(1000, 2))
     for c, s in enumerate(snapshots):
       ax = axes[r, c]
@@ -274,14 +347,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       if c == 0:
         ax.set_ylabel(f"{d}\n{m.split(' (')[0]}", fontsize=8)
   figures = [common.save_figure(fig, args.out, "gan_samples.png")]
+  seed_txt = (f"seed {seeds[0]}" if len(seeds) == 1 else
+              f"mean ± std (population) over {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), "
+              "each its own initialisation and draws; the figure shows the first seed")
   notes = (f"Cells: modes covered (>= 1% of 2000 samples within {NEAR:g} of the centre), "
-           f"and the % of samples that close to a mode. Nets 3x{hidden} ReLU, batch 128, Adam "
-           f"1e-3, {CRITIC_STEPS} discriminator steps per generator step; blue: data, orange: "
-           "generator.")
+           f"and the % of samples that close to a mode; {seed_txt}. Nets 3x{hidden} ReLU, "
+           f"batch 128, Adam 1e-3, {CRITIC_STEPS} discriminator steps per generator step; "
+           "blue: data, orange: generator.")
   report = common.write_report(args.out, NAME, "mixup GAN on toy data",
                                [table, notes, "![samples](gan_samples.png)"])
-  return {"runs": runs, "methods": methods, "snapshots": snapshots, "report": report,
-          "figures": figures}
+  return {"runs": runs, "stats": stats, "methods": methods, "snapshots": snapshots,
+          "seeds": seeds, "report": report, "figures": figures}
 
 
 if __name__ == "__main__":

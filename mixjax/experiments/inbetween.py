@@ -70,27 +70,39 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--alpha", type=float, default=1.0, help="mixup Beta(alpha, alpha)")
   parser.add_argument("--epochs", type=int, default=None, help="default 30 (--quick: 3)")
   parser.add_argument("--pairs", type=int, default=None, help="default 2000 (--quick: 200)")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="default 1; each seed (seed, seed + 1, ...) draws its own split, "
+                           "pairs and initialisation; cells are mean ± std over seeds")
   args = parser.parse_args(argv)
   quick = args.quick
   epochs = args.epochs or (3 if quick else 30)
   num_pairs = args.pairs or (200 if quick else 2000)
+  if args.seeds is not None and args.seeds < 1:
+    parser.error(f"--seeds must be at least 1, got {args.seeds}")
+  seeds = [args.seed + i for i in range(args.seeds or 1)]
 
   x, y = data.digits_images()
-  tr, te = data.split(y, 0.2, args.seed)
   model = models.get_model("preact_resnet_small", num_classes=10, width=32, conv=not quick)
   tx = optax.adam(2e-3)
   objs = {"ERM": methods.get_objective("erm", num_classes=10),
           "mixup": methods.get_objective("mixup", num_classes=10, alpha=args.alpha)}
-  rng = np.random.default_rng(args.seed)
-  pairs = rng.integers(0, len(tr), size=(num_pairs, 2))
   lams = np.linspace(0.0, 1.0, 11 if quick else 21)
-  stats, clean = {}, {}
-  for name, obj in objs.items():
-    fit = training.fit(model, obj, x[tr], y[tr], tx=tx, epochs=epochs, batch_size=64,
-                       seed=args.seed, test=(x[te], y[te]), fast=quick)
-    fn = training.predictor(model, fit.variables)
-    stats[name] = inbetween_stats(fn, x[tr], y[tr], pairs, lams, 10, fast=quick)
-    clean[name] = fit.history[-1]["test_error"]
+  per_seed = {name: [] for name in objs}       # [(misses f64[L], norms f64[L], clean error)]
+  for seed in seeds:
+    tr, te = data.split(y, 0.2, seed)
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, len(tr), size=(num_pairs, 2))
+    for name, obj in objs.items():
+      fit = training.fit(model, obj, x[tr], y[tr], tx=tx, epochs=epochs, batch_size=64,
+                         seed=seed, test=(x[te], y[te]), fast=quick)
+      fn = training.predictor(model, fit.variables)
+      miss, norm = inbetween_stats(fn, x[tr], y[tr], pairs, lams, 10, fast=quick)
+      per_seed[name].append((miss, norm, fit.history[-1]["test_error"]))
+      print(f"[{name}, seed {seed}: done]", flush=True)
+  # The mean curves over seeds, and the mean clean test error.
+  stats = {n: (np.mean([r[0] for r in rs], 0), np.mean([r[1] for r in rs], 0))
+           for n, rs in per_seed.items()}
+  clean = {n: float(np.mean([r[2] for r in rs])) for n, rs in per_seed.items()}
 
   plt = common.pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -106,21 +118,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   figures = [common.save_figure(fig, args.out, "inbetween.png")]
 
   inner = (lams > 0.05) & (lams < 0.95)
+  half = int(np.argmin(np.abs(lams - 0.5)))
   rows = []
-  for name, (miss, norm) in stats.items():
-    at = lambda v, l: v[int(np.argmin(np.abs(lams - l)))]  # noqa: E731
-    rows.append([name, common.pct(clean[name], 1), common.pct(miss[inner].mean(), 1),
-                 common.pct(at(miss, 0.5), 1), f"{norm[inner].mean():.3f}",
-                 f"{at(norm, 0.5):.3f}"])
+  for name, rs in per_seed.items():
+    rows.append([name, common.mean_std([r[2] for r in rs], 1),
+                 common.mean_std([r[0][inner].mean() for r in rs], 1),
+                 common.mean_std([r[0][half] for r in rs], 1),
+                 common.mean_std([r[1][inner].mean() for r in rs], 3, scale=1.0),
+                 common.mean_std([r[1][half] for r in rs], 3, scale=1.0)])
   table = common.markdown_table(
       ["Model", "Test error (%)", "Misses, mean over 0 < lam < 1 (%)", "Misses at lam = 0.5 (%)",
        "Grad norm, mean over 0 < lam < 1", "Grad norm at lam = 0.5"], rows)
-  notes = (f"{num_pairs} random pairs of training examples, lam on a grid of {len(lams)} "
+  notes = (f"Mean ± std (population) over {len(seeds)} seed(s) ({seeds[0]}..{seeds[-1]}), each "
+           f"its own split, pairs and initialisation (figure: the mean curves); {num_pairs} "
+           f"random pairs of training examples, lam on a grid of {len(lams)} "
            f"points; {'dense' if quick else 'convolutional'} ResNet, Adam 2e-3, {epochs} "
            f"epochs, batch 64; mixup alpha = {args.alpha}.")
   report = common.write_report(args.out, NAME, "Behaviour in-between training examples",
                                [table, notes, "![in-between](inbetween.png)"])
-  return {"stats": stats, "lams": lams, "clean": clean, "report": report, "figures": figures}
+  return {"stats": stats, "per_seed": per_seed, "seeds": seeds, "lams": lams, "clean": clean,
+          "report": report, "figures": figures}
 
 
 if __name__ == "__main__":
