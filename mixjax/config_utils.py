@@ -73,7 +73,12 @@ def base_config() -> ConfigDict:
       k=2,                 # examples per mix; k > 2 with 'mixup': Dirichlet(alpha) weights.
       k_largest_first=False,  # k-way: the example itself gets the largest weight.
   ))
-  c.amp = ConfigDict(dict(eps=0.002, mode="full"))
+  c.amp = ConfigDict(dict(
+      eps=0.002,
+      mode="full",         # full, max, rand.
+      variant="paper",     # paper, or released (the authors' code: see mixjax.amp).
+      window=5,            # released: steps in the moving window of loss increases.
+  ))
   c.mixupe = ConfigDict(dict(
       eta=1e-3,
       exact=False,         # exact q (JVP along E[x'] - x) instead of the approximation q^.
@@ -81,6 +86,8 @@ def base_config() -> ConfigDict:
       clean_pass="concat",  # clean batch concatenated with the mixed one, or 'separate'.
       batch_stats="mixed",  # concat: batch-norm statistics of the mixed rows, or 'all'.
       rho=1.0,             # fraction of the clean batch that estimates R.
+      variant="paper",     # paper, or released (the authors' version 3: see mixjax.mixupe).
+      threshold=1.0,       # released: q^ below this enters the signed term.
   ))
   c.model = ConfigDict(dict(
       name="digits_cnn",
@@ -314,6 +321,11 @@ def validate(config: ConfigDict) -> None:
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
   _choice("amp.mode", config.amp.mode, amp_lib.MODES)
+  _choice("amp.variant", config.amp.variant, amp_lib.VARIANTS)
+  _choice("mixupe.variant", config.mixupe.variant, mixupe_lib.VARIANTS)
+  if isinstance(config.amp.window, bool) or not (isinstance(config.amp.window, int)
+                                                  and config.amp.window >= 1):
+    raise ValueError(f"config.amp.window must be an integer >= 1, got {config.amp.window!r}.")
   _choice("mixupe.mean", config.mixupe.mean, ("running", "batch"))
   _choice("mixupe.clean_pass", config.mixupe.clean_pass, mixupe_lib.CLEAN_PASSES)
   _choice("mixupe.batch_stats", config.mixupe.batch_stats, mixupe_lib.BATCH_STATS)
@@ -384,6 +396,8 @@ def choices() -> dict[str, str]:
       "mix.pairing": str(sorted(pairing_lib._REGISTRY)),  # pylint: disable=protected-access
       "mix.loss": str(list(methods_lib.LOSSES)),
       "amp.mode": str(list(amp_lib.MODES)),
+      "amp.variant": str(list(amp_lib.VARIANTS)),
+      "mixupe.variant": str(list(mixupe_lib.VARIANTS)),
       "mixupe.mean": str(["running", "batch"]),
       "mixupe.clean_pass": str(list(mixupe_lib.CLEAN_PASSES)),
       "mixupe.batch_stats": str(list(mixupe_lib.BATCH_STATS)),

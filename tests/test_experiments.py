@@ -14,7 +14,9 @@ from mixjax import attacks
 from mixjax import config_utils
 from mixjax import input_pipeline
 from mixjax import methods
+from mixjax import mixupe
 from mixjax import models
+from mixjax import objectives
 from mixjax import policies
 from mixjax.experiments import ablations
 from mixjax.experiments import common
@@ -77,7 +79,8 @@ def test_ablation_layers_are_the_models_mixing_points_and_knn_partners_come_from
   layers = {c.point for c in ablations.configs() if c.id.startswith("layer")}
   assert layers == set(ablations.MIX_POINTS.values())
   ids = [c.id for c in ablations.configs()]
-  assert len(ids) == len(set(ids)) == len(ablations.PUBLISHED) == 22
+  assert len(ids) == len(set(ids)) == 24 and len(ablations.PUBLISHED) == 22
+  assert set(ablations.PUBLISHED) <= set(ids)
   assert set(ablations.QUICK) <= set(ids)
   cfg = next(c for c in ablations.configs() if c.id == "inputs_ac_knn")
   table = np.array([[1, 2], [2, 0], [0, 1]], np.int32)
@@ -383,6 +386,17 @@ def test_ablations_quick(tmp_path):
   in_order = [c.id for c in ablations.configs() if c.id in ablations.QUICK]
   assert [c.id for c in r["configs"]] == in_order
   assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in r["medians"].values())
+
+
+def test_ablations_run_mixupe_on_erm_and_on_mixup(tmp_path):
+  """The MixupE paper's Table 7 rows: its term added to ERM and to mixup."""
+  r = ablations.main(["--quick", "--out", str(tmp_path), "--configs", "erm_mixupe,mixupe",
+                      "--epochs", "1"])
+  assert [c.id for c in r["configs"]] == ["erm_mixupe", "mixupe"]
+  assert all(0 <= v[0] <= 1 for v in r["medians"].values())
+  erm_row = next(c for c in ablations.configs() if c.id == "erm_mixupe")
+  objective, _ = ablations.build(erm_row, policies.mixup(1.0))
+  assert isinstance(objective, mixupe.MixupE) and isinstance(objective.base, objectives.Erm)
 
 
 def test_ablations_seeds_draw_their_own_split_and_are_averaged(tmp_path):

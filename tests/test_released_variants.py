@@ -408,3 +408,19 @@ def test_unknown_variants_and_bad_options_are_refused():
     mixupe.mixupe(base, variant="released", exact=True)
   with pytest.raises(ValueError, match="threshold must be a finite number"):
     mixupe.mixupe(base, variant="released", threshold=float("nan"))
+
+
+def test_config_keys_select_the_released_variants():
+  from mixjax import config_utils, from_config
+  c = config_utils.base_config()
+  c.total_steps = 1
+  c = config_utils.apply_overrides(c, ["method=mixup+amp+mixupe", "amp.variant=released",
+                                       "amp.window=3", "mixupe.variant=released",
+                                       "mixupe.threshold=0.5"])
+  config_utils.validate(c)
+  obj = from_config.objective(c, c.method, None)
+  assert (obj.variant, obj.threshold) == ("released", 0.5)
+  assert (obj.base.variant, obj.base.window) == ("released", 3)
+  for bad in ("amp.variant=authors", "mixupe.variant=v3", "amp.window=0"):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+      config_utils.validate(config_utils.apply_overrides(c, [bad]))
