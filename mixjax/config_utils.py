@@ -505,10 +505,12 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
 
 
 # Config keys that may change between a run and its resumption (logging, checkpoint
-# cadence, where the data live); any other change needs allow_config_change.
+# cadence, where the data live, the device mesh, the study around the run); any other
+# change needs allow_config_change.
 RESUME_FREE_KEYS = ("method", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "progress_bar", "eval_batch_size", "dataset.prefetch",
-                    "dataset.data_dir")
+                    "dataset.data_dir", "mesh_data", "mesh_fsdp", "study.seeds",
+                    "study.fgsm_eps", "study.corrupted_labels")
 
 
 def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:

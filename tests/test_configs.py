@@ -92,7 +92,8 @@ def _load(name: str, extra=()) -> config_utils.ConfigDict:
                "eval_batch_size=16", "total_steps=2", "dataset.train_examples=64",
                "dataset.eval_examples=16", "dataset.vocab_size=64", "progress_bar=False",
                "log_every_steps=1", "schedule.warmup_steps=0", "schedule.warmup_epochs=0.0",
-               "mix.erm_warmup_steps=0"]
+               "mix.erm_warmup_steps=0", "study.seeds=1", "study.fgsm_eps=0.0",
+               "study.corrupted_labels=0.0"]
   overrides += [f"model.kwargs.{k}={v}" for k, v in TINY_KWARGS[family].items()]
   c = config_utils.apply_overrides(c, overrides + list(extra))
   config_utils.validate(c)
