@@ -101,3 +101,14 @@ def batch_size(name: str, tree: Any) -> int:
   if len(sizes) != 1:
     raise ValueError(f"{name} leaves have different batch sizes {sorted(sizes)}; they must agree.")
   return sizes.pop()
+
+
+def prng_key(name: str, key: Any) -> None:
+  """ValueError unless `key` is a JAX PRNG key (`jax.random.key(seed)`, or raw uint32[2])."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return
+  if dtype == jnp.uint32 and np.shape(key)[-1:] == (2,):
+    return
+  shown = repr(key) if len(repr(key)) < 120 else repr(key)[:117] + "..."
+  raise ValueError(f"{name} must be a PRNG key such as jax.random.key(0), got {shown}.")

@@ -217,6 +217,8 @@ def draw(key: jax.Array, labels: jax.Array, batch: int, *, policy: policies.Poli
   per-example ones are then laid out along the batch axis like the examples
   (a local slice), so everything per example stays on its device.
   """
+  checks.prng_key("key", key)
+  policies.check_policy("policy", policy)
   targets = to_targets(labels, num_classes, label_smoothing)
   k_lam, k_pair = jax.random.split(key)
   coeffs = policy(k_lam, batch)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mixjax import adapters
+from mixjax import checks
 from mixjax import losses as losses_lib
 from mixjax import mixing
 from mixjax import pairing as pairing_lib
@@ -111,6 +112,7 @@ class _Steps:
     return self.per_example(outputs, prepared.draw), outputs, state
 
   def __call__(self, apply, variables, inputs, labels, key):
+    checks.prng_key("key (the objective's last argument)", key)
     prepared = self.prepare(apply, variables, inputs, labels, key)
     per_example, _, state = self.losses(apply, variables, inputs, prepared)
     loss = jnp.mean(per_example)
@@ -178,9 +180,7 @@ class Mixup(_Steps):
   mixes = True
 
   def __post_init__(self):
-    if not callable(self.policy):
-      raise ValueError(f"policy must be a mixing policy such as policies.mixup(1.0), got "
-                       f"{self.policy!r}.")
+    policies.check_policy("policy", self.policy)
 
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """Extra model-state collections this objective keeps ({}: none)."""

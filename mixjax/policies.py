@@ -416,6 +416,22 @@ def dat(alpha: Scalar, beta: Optional[Scalar] = None, per_example: bool = True) 
 _REGISTRY = {"erm": erm, "mixup": mixup, "untied": untied_mixup, "dat": dat}
 
 
+_FACTORIES = {"erm": "erm()", "mixup": "mixup(alpha)", "untied_mixup": "untied_mixup(alpha, beta)",
+              "dat": "dat(alpha)", "weighted": "weighted(policy, gamma)",
+              "cutmix": "cutmix(alpha, image_shape)"}
+
+
+def check_policy(name: str, policy: Any) -> None:
+  """ValueError unless `policy` is a policy (not a factory such as `policies.mixup` itself)."""
+  factory = getattr(policy, "__name__", None)
+  if factory in _FACTORIES and getattr(policy, "__module__", None) == __name__:
+    raise ValueError(f"{name} got the factory policies.{factory}; pass a policy built from it, "
+                     f"e.g. policies.{_FACTORIES[factory]}.")
+  if not callable(policy):
+    raise ValueError(f"{name} must be a mixing policy `policy(key, batch_size) -> Coefficients` "
+                     f"such as policies.mixup(1.0), got {policy!r}.")
+
+
 def get_policy(name: str, **kwargs) -> Policy:
   """Builds a policy by name: one of 'erm', 'mixup', 'untied', 'dat'.
 

@@ -132,3 +132,10 @@ def test_nested_settings_change_with_dataclasses_replace():
   assert changed.base.eps == 0.01 and changed.eta == 0.1
   assert changed.base.base is obj.base.base and changed.policy is obj.policy
   assert obj.weight == pytest.approx(0.9 / 3.1)  # Read from the untied policy: b / (a + b).
+
+
+def test_objective_names_an_integer_key():
+  fn, v, x, y = _setup()
+  for obj in (objectives.erm(num_classes=3), objectives.mixup(policies.mixup(1.0), num_classes=3)):
+    with pytest.raises(ValueError, match="key .* must be a PRNG key"):
+      obj(adapters.make_apply_fn(fn), v, x, y, 0)

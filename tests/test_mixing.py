@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 import mixjax
-from mixjax import checks, losses, mixing, pairing, policies, sampling
+from mixjax import checks, losses, mixing, objectives, pairing, policies, sampling
 
 
 def _batch(b=8, seed=0):
@@ -316,3 +316,15 @@ def test_mix_dirichlet_and_the_k_way_objective_against_numpy(batch):
   np.testing.assert_allclose(loss, -(tt * logp).sum(1).mean(), rtol=1e-4)
   with pytest.raises(ValueError, match="k=3"):
     methods.get_objective("mixup+amp", num_classes=3, k=3)
+
+
+def test_a_factory_or_an_integer_key_is_named():
+  x, y = _batch()
+  with pytest.raises(ValueError, match=r"factory policies.mixup; .*policies.mixup\(alpha\)"):
+    mixing.mix_batch(jax.random.key(0), x, y, policy=policies.mixup, num_classes=3)
+  with pytest.raises(ValueError, match="factory policies.untied_mixup"):
+    objectives.mixup(policies.untied_mixup, num_classes=3)
+  with pytest.raises(ValueError, match="key must be a PRNG key"):
+    mixing.mix_batch(0, x, y, policy=policies.mixup(1.0), num_classes=3)
+  raw = jax.random.PRNGKey(0)  # Raw uint32[2] keys are keys too.
+  assert mixing.mix_batch(raw, x, y, policy=policies.mixup(1.0), num_classes=3).perm.shape == (8,)
