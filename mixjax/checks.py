@@ -3,40 +3,50 @@
 Values known at trace time (Python numbers, concrete arrays, shapes, dtypes) are
 checked at once and raise `ValueError`. Values that are traced (e.g. a mixing
 coefficient computed inside a jitted function) cannot raise a Python error; they
-are checked only inside `traced_checks()`, through `jax.experimental.checkify`::
+are checked only in a function made by `checked(fn)`, through
+`jax.experimental.checkify`::
 
-    checked = checkify.checkify(jax.jit(fn))
-    with mixjax.checks.traced_checks():   # active while `fn` is traced
-      err, out = checked(...)
+    err, out = mixjax.checks.checked(fn)(...)   # or jax.jit(checked(fn)), checked(jax.jit(fn))
     err.throw()   # raises JaxRuntimeError naming the argument
+
+Whether checks are on is part of JAX's trace-cache key (`jax.make_user_context`),
+so `fn`, and every function jitted inside it, is traced once with checks (under
+`checked`) and once without (elsewhere), whatever the order of the calls.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-_TRACED = contextvars.ContextVar("mixjax_traced_checks", default=False)
+_TRACED = jax.make_user_context(default_value=False)  # In the jit cache key.
 
 
-@contextlib.contextmanager
-def traced_checks() -> Iterator[None]:
-  """Within this block, checks on traced values emit `checkify.check`s.
+def checked(fn: Callable[..., Any],
+            errors: frozenset = checkify.user_checks) -> Callable[..., tuple[Any, Any]]:
+  """`fn` with its checks on traced values: returns `(error, fn(*args, **kwargs))`.
 
-  Functions traced inside the block must be wrapped by `checkify.checkify`.
+  `error.throw()` raises `JaxRuntimeError` with the failed check's message
+  (None from `error.get()` when all hold). `fn` may be jitted or contain
+  jitted functions, and the result may be jitted again (`jax.jit(checked(fn))`):
+  while the returned function runs or is traced, a flag that is part of
+  JAX's trace-cache key is set, so nothing traced without checks is reused
+  here and nothing traced here is reused by a plain call of `fn`. `errors`:
+  which checkify errors to add (default: the user checks of this module).
   """
-  token = _TRACED.set(True)
-  try:
-    yield
-  finally:
-    _TRACED.reset(token)
+  inner = checkify.checkify(fn, errors=errors)
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with _TRACED(True):
+      return inner(*args, **kwargs)
+  return run
 
 
 def is_traced(x: Any) -> bool:
@@ -47,10 +57,10 @@ def check_array(x: Any, predicate: Callable[[Any], Any], message: str) -> None:
   """Raises `ValueError(message)` unless `predicate(x)` holds for every element.
 
   `predicate` must work on NumPy and jax arrays alike. For traced `x` the check
-  is a `checkify.check` inside `traced_checks()`, and nothing otherwise.
+  is a `checkify.check` inside a function made by `checked`, and nothing otherwise.
   """
   if is_traced(x):
-    if _TRACED.get():
+    if _TRACED.value:
       checkify.check(jnp.all(predicate(x)), message)
     return
   if not np.all(predicate(np.asarray(x))):

@@ -219,7 +219,7 @@ class Weighted:
   policy: any policy (its pytree leaves are this one's). gamma: static callable
   mapping [0, 1] to [0, 1] elementwise (jnp-traceable). It is checked on a grid
   of 101 points when built and, for concrete values, on every draw; traced
-  draws are checked inside `checks.traced_checks`. `.alpha`/`.beta` are those
+  draws are checked under `checks.checked`. `.alpha`/`.beta` are those
   of `policy` (AttributeError if it has none).
   """
   policy: Policy

@@ -7,7 +7,7 @@ trailing `k` axis for Dirichlet weights).
 
 Distribution parameters (`alpha`, `beta`) are data: Python numbers, concrete
 scalars or traced scalars. Concrete values are checked at once (ValueError);
-traced ones are checked only inside `checks.traced_checks()`. A function jitted
+traced ones are checked only under `checks.checked(fn)`. A function jitted
 over `alpha` therefore compiles once for every value of it.
 """
 
@@ -41,7 +41,7 @@ def resolve_beta(alpha: Scalar, beta: Optional[Scalar] = None) -> tuple[Scalar, 
 
   Concrete values come back as Python floats and raise ValueError (naming
   `alpha` or `beta`) unless they are finite and > 0; traced scalars come back
-  unchanged (checked inside `checks.traced_checks()`).
+  unchanged (checked under `checks.checked`).
   """
   a = _positive("alpha", alpha)
   b = a if beta is None else _positive("beta", beta)

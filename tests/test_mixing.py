@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
@@ -131,16 +130,39 @@ def test_bad_lam_rejected(lam):
     mixing.mix(np.ones((4, 2)), np.zeros((4, 2)), lam)
 
 
+def _mix_lam(lam):
+  return mixing.mix(jnp.ones((4, 2)), jnp.zeros((4, 2)), lam)
+
+
+_NAN_LAM = jnp.array([0.5, jnp.nan, 0.1, 0.2])
+
+
 def test_traced_lam_checked_with_checkify():
-  f = lambda lam: mixing.mix(jnp.ones((4, 2)), jnp.zeros((4, 2)), lam)  # noqa: E731
-  checked = checkify.checkify(jax.jit(f))
-  with checks.traced_checks():  # Checks are added while tracing.
-    err, _ = checked(jnp.array([0.5, jnp.nan, 0.1, 0.2]))
+  for checked in (checks.checked(jax.jit(_mix_lam)), jax.jit(checks.checked(_mix_lam))):
+    err, _ = checked(_NAN_LAM)
     with pytest.raises(Exception, match=r"lam must lie in \[0, 1\]"):
       err.throw()
     err, out = checked(jnp.full((4,), 0.25))
-  err.throw()  # No error for valid values.
-  np.testing.assert_allclose(out, 0.25)
+    err.throw()  # No error for valid values.
+    np.testing.assert_allclose(out, 0.25)
+
+
+@pytest.mark.parametrize("checked_first", [False, True])
+def test_traced_checks_do_not_depend_on_call_order(checked_first):
+  """A plain and a checked call of one jitted function (one trace cache), in either order."""
+  fn = jax.jit(_mix_lam)
+  if checked_first:
+    err, checked_out = checks.checked(fn)(_NAN_LAM)
+    plain = fn(_NAN_LAM)  # Before the fix: "not functionalized".
+  else:
+    plain = fn(_NAN_LAM)
+    err, checked_out = checks.checked(fn)(_NAN_LAM)  # Before the fix: no error.
+  expected = np.repeat(np.asarray(_NAN_LAM)[:, None], 2, axis=1)  # lam * 1 + (1 - lam) * 0.
+  np.testing.assert_array_equal(plain, expected)  # Unchecked: NaN flows through, no error.
+  np.testing.assert_array_equal(checked_out, expected)
+  with pytest.raises(Exception, match=r"lam must lie in \[0, 1\]"):
+    err.throw()
+  np.testing.assert_array_equal(fn(_NAN_LAM), expected)  # Plain again, after both.
 
 
 def test_bad_policy_args():

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import checkify
 
 from mixjax import checks, mixing, policies, sampling
 
@@ -197,14 +196,12 @@ def test_unflatten_does_not_revalidate():
   assert treedef.unflatten([None, None]).policy.alpha is None
 
 
-def test_traced_alpha_is_checked_inside_traced_checks():
-  checked = checkify.checkify(jax.jit(lambda a: sampling.expected_one_minus_lam(policies.mixup(a).alpha)))
-  with checks.traced_checks():
-    err, _ = checked(-1.0)
+def test_traced_alpha_is_checked_under_checks_checked():
+  checked = checks.checked(jax.jit(lambda a: sampling.expected_one_minus_lam(policies.mixup(a).alpha)))
+  err, _ = checked(-1.0)
   with pytest.raises(Exception, match="alpha must be a finite number > 0"):
     err.throw()
-  with checks.traced_checks():
-    err, value = checked(1.0)
+  err, value = checked(1.0)
   err.throw()
   np.testing.assert_allclose(value, sampling.expected_one_minus_lam(1.0), rtol=1e-6)
 
