@@ -39,8 +39,9 @@ __version__ = "0.1.0"
 # Submodules imported on first access of `mixjax.<name>` (an immutable set). Once imported, the
 # submodule is an attribute of the package and `__getattr__` is not called for it again.
 _LAZY_SUBMODULES = frozenset({
-    "checkpointing", "config_utils", "experiments", "from_config", "input_pipeline",
-    "metrics_writer", "models", "optim", "recipes", "sharding", "study", "train_step",
+    "checkpointing", "cli", "compilation_cache", "config_utils", "evaluation", "experiments",
+    "from_config", "input_pipeline", "metrics_writer", "models", "optim", "preemption", "recipes",
+    "sharding", "study", "train_step",
 })
 
 

@@ -21,6 +21,16 @@ Integrity (see docs/reliability.md):
 - A checkpoint whose leaves (paths, shapes, dtypes) differ from the template
   raises `IncompatibleCheckpointError` naming the first differing leaf; it is
   not damaged, so it is neither moved nor skipped.
+
+Faults of the directory are refused when the `Checkpointer` is made, not
+found by a background write later: an unwritable directory, and a step folder
+that is a symbolic link (orbax deletes old steps with `rmtree`, which refuses
+links, so the run would crash at its first clean-up).
+
+Async writes: at most one is in flight. `save` first waits for the previous
+write (orbax's `CheckpointManager.save` would too), so the last completed
+write is never more than one save behind; `save` returns how far behind it
+was and how long it waited (`SaveInfo`), and logs it.
 """
 
 from __future__ import annotations
@@ -29,9 +39,9 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from typing import Any, Optional
+import uuid
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -132,12 +142,38 @@ def _warn(msg: str) -> None:
   print("WARNING: " + msg, file=sys.stderr, flush=True)
 
 
+class SaveInfo(NamedTuple):
+  """What `Checkpointer.save` found when it started writing `step`.
+
+  last_completed: the newest step whose write had finished (None: none yet).
+  steps_behind: `step - last_completed` (None: no completed write yet).
+  waited_for: the step whose write was still in flight and had to finish
+    first (None: the previous write was already done), and waited_s: for how long.
+  """
+  step: int
+  last_completed: Optional[int]
+  steps_behind: Optional[int]
+  waited_for: Optional[int]
+  waited_s: float
+
+
+def describe(info: SaveInfo) -> str:
+  """One log line: the step being written and how far behind the last completed write is."""
+  text = f"checkpoint step {info.step}: writing in the background; last completed write: "
+  text += ("none yet" if info.last_completed is None else
+           f"step {info.last_completed} ({info.steps_behind} steps behind)")
+  if info.waited_for is not None:
+    text += f"; waited {info.waited_s:.1f} s for the write of step {info.waited_for} first"
+  return text
+
+
 class Checkpointer:
   """Saves and restores (state, meta) pairs under `directory`.
 
   Args:
     directory: the checkpoint root (e.g. `<workdir>/checkpoints`); it must be
-      writable (checked now: CheckpointError otherwise).
+      writable and hold no symlinked step folder (both checked now:
+      CheckpointError otherwise).
     keep: how many of the newest checkpoints to keep.
     async_save: write in a background thread (call `wait()` before exiting).
   """
@@ -149,21 +185,26 @@ class Checkpointer:
     self.corrupt_dir = os.path.join(os.path.dirname(self.directory),
                                     os.path.basename(self.directory) + "_corrupt")
     _check_writable(self.directory)
+    _check_no_symlinked_steps(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._writing: Optional[int] = None  # The step of the write in flight (or last started).
+    self.last_completed: Optional[int] = self.steps()[-1] if self.steps() else None
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> Optional[SaveInfo]:
     """Starts saving `state` (any pytree of arrays) and the JSON-able `meta` at `step`.
 
     The meta gets a 'leaves' entry: [path, shape, dtype, checksum] per leaf.
     Raises NonFiniteStateError (writing nothing) if a float leaf holds NaN/Inf.
+    A write still in flight is waited for first (at most one is pending).
+    Returns a `SaveInfo` (None when `step` is already saved).
     """
     if step in self.manager.all_steps():
-      return
+      return None
     leaves = inspect(state)
     bad = [r["path"] for r in leaves if not r["finite"]]
     if bad:
@@ -175,8 +216,19 @@ class Checkpointer:
           f"{len(bad)} leaves, first {bad[:3]}; nothing was written ({last}).")
     meta = {**meta, "leaves": [[r["path"], r["shape"], r["dtype"], r["checksum"]]
                                for r in leaves]}
+    in_flight = self._writing if self.manager.is_saving_in_progress() else None
+    t0 = time.time()
+    self.manager.wait_until_finished()  # The bound: never two writes in flight.
+    waited = time.time() - t0
+    if self._writing is not None:
+      self.last_completed = self._writing
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._writing = step
+    behind = None if self.last_completed is None else step - self.last_completed
+    info = SaveInfo(step, self.last_completed, behind, in_flight, waited)
+    log.info(describe(info))
+    return info
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -269,15 +321,36 @@ class Checkpointer:
 
 
 def _check_writable(directory: str) -> None:
-  """Raises CheckpointError unless `directory` can be created and written to."""
+  """Raises CheckpointError unless `directory` can be created and a file created in it.
+
+  The probe is one `os.open(O_CREAT | O_EXCL)` of a uniquely named file, then removed.
+  """
+  probe = os.path.join(directory, f".mixjax_write_test_{uuid.uuid4().hex}")
   try:
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".mixjax_write_test"):
-      pass
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    os.remove(probe)
   except OSError as e:
     raise CheckpointError(
         f"checkpoint directory {directory} is not writable ({type(e).__name__}: {e}); fix "
         "its permissions or pass another --workdir.") from None
+
+
+def _check_no_symlinked_steps(directory: str) -> None:
+  """Raises CheckpointError if a step folder (a name of digits) in `directory` is a symlink.
+
+  orbax's clean-up of old steps calls `rmtree` on them, which refuses links: the
+  run would stop with an OSError at its first clean-up, after training.
+  """
+  links = sorted((n for n in os.listdir(directory)
+                  if n.isdigit() and os.path.islink(os.path.join(directory, n))), key=int)
+  if links:
+    shown = ", ".join(f"{n} -> {os.readlink(os.path.join(directory, n))}" for n in links[:3])
+    raise CheckpointError(
+        f"checkpoint directory {directory} holds symlinked step folders ({shown}): orbax "
+        "deletes old steps with rmtree, which refuses symbolic links, so the run would stop at "
+        "its first clean-up. Replace each link by a copy of its target (cp -rL) or move it "
+        "out of the directory, then run again.")
 
 
 def _check_compatible(step: int, saved: list, template: PyTree) -> None:

@@ -28,6 +28,7 @@ import time
 from typing import Any, Iterable, Optional
 
 import jax
+import numpy as np
 
 # ----------------------------------------------------------------------------- TensorBoard
 
@@ -312,3 +313,57 @@ def final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
   if "ema_top1" in rec:
     out["eval_ema"] = {k: rec[f"ema_{k}"] for k in keys if f"ema_{k}" in rec}
   return out
+
+
+class TrainMetrics:
+  """The train loop's per-step metrics: left on device, fetched once per log interval.
+
+  `add` after each step; `flush` fetches what is pending, handles non-finite
+  steps (`nan_policy='stop'`: FloatingPointError naming the step; 'skip': the
+  step is listed in `skipped_steps` and reported), and writes one 'train'
+  record: the interval's means, 'images_per_s' (compile time left out) and
+  'epoch'. The bar's postfix shows the loss and img/s.
+  """
+
+  def __init__(self, writer: MetricsWriter, bar: ProgressBar, method: str, nan_policy: str,
+               steps_per_epoch: float):
+    self.writer, self.bar, self.method = writer, bar, method
+    self.nan_policy, self.steps_per_epoch = nan_policy, steps_per_epoch
+    self.skipped_steps: list[int] = []
+    self._pending: list[tuple[int, dict[str, Any]]] = []
+    self._t, self._images, self._excluded = time.time(), 0, 0.0
+
+  def add(self, step: int, metrics: dict[str, Any], images: int, excluded_s: float = 0.0) -> None:
+    """Step `step`'s metrics (device arrays, incl. bool 'finite'), its images, and seconds
+    to leave out of img/s (a step that compiled counts no images and excludes its time)."""
+    self._pending.append((step, metrics))
+    self._images += images
+    self._excluded += excluded_s
+
+  def flush(self) -> None:
+    """Fetches pending metrics, stops on non-finite steps, writes the train record."""
+    if not self._pending:
+      return
+    fetched = jax.device_get([m for _, m in self._pending])
+    steps_done = [s for s, _ in self._pending]
+    self._pending.clear()
+    for s, m in zip(steps_done, fetched):
+      if not m["finite"]:
+        if self.nan_policy == "stop":
+          raise FloatingPointError(
+              f"[{self.method}] non-finite loss or gradient at step {s} "
+              f"(loss={float(m['loss'])}); stopping without saving (the last checkpoint is "
+              "intact). Set config.nan_policy='skip' to drop such steps instead.")
+        self.skipped_steps.append(s)
+        self.bar.write(f"[{self.method}] step {s}: non-finite loss/gradient, update skipped.")
+    now = time.time()
+    record = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
+    if self._images:  # None when the interval held only compiling steps.
+      record["images_per_s"] = self._images / max(now - self._t - self._excluded, 1e-9)
+    record["epoch"] = (steps_done[-1] + 1) / self.steps_per_epoch
+    self._t, self._images, self._excluded = now, 0, 0.0
+    self.writer.write(steps_done[-1] + 1, "train", record)
+    postfix = {"loss": record["loss"]}
+    if "images_per_s" in record:
+      postfix["img/s"] = round(record["images_per_s"])
+    self.bar.update(0, postfix)

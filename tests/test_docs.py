@@ -55,8 +55,8 @@ def _train_commands():
 def test_documented_train_commands_parse(args):
   # Every `python train.py ...` line in the docs names real configs and valid overrides.
   import train  # The repository root is on sys.path (pyproject's pytest `pythonpath`).
-  from mixjax import from_config, input_pipeline, optim
-  config, _ = train.parse_args(args)
+  from mixjax import cli, from_config, input_pipeline, optim
+  config, _ = cli.parse_args(args, train.__doc__, train.DEFAULT_CONFIG)
   assert config.batch_size > 0
   if config.dataset.name != "tfds":  # What needs the data but no compiling: the schedule.
     n = len(input_pipeline.load_arrays(config.dataset, seed=config.seed)["train"])

@@ -7,9 +7,13 @@ the last good checkpoint or a clear error with nothing lost (docs/reliability.md
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
+import signal
+import subprocess
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -219,13 +223,134 @@ def test_batch_and_labels_checked_before_compiling(tmp_path):
     train.train_one(c, c.method, None, model=lib.TinyMLP(num_classes=5))
 
 
-def test_unwritable_checkpoint_folder_fails_at_start(tmp_path):
+def _make_unwritable(path) -> Optional[Callable[[], Any]]:
+  """Makes the folder `path` refuse new files, for root too where possible; returns the undo.
+
+  Non-root: permissions (0o555). Root ignores those: the immutable flag (`chattr +i`),
+  where the file system supports it. None when neither works.
+  """
+  if os.geteuid() != 0:
+    os.chmod(path, 0o555)
+    return lambda: os.chmod(path, 0o755)
+  try:
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+  except OSError:  # No chattr.
+    done = False
+  return (lambda: subprocess.run(["chattr", "-i", str(path)], check=True)) if done else None
+
+
+def test_unwritable_checkpoint_folder_fails_at_start(tmp_path, monkeypatch):
   (tmp_path / "file").write_text("")
   with pytest.raises(checkpointing.CheckpointError, match="not writable"):
     checkpointing.Checkpointer(str(tmp_path / "file" / "checkpoints"))
-  if os.geteuid() != 0:  # root ignores permissions
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    os.chmod(ro, 0o555)
-    with pytest.raises(checkpointing.CheckpointError, match="not writable"):
-      checkpointing.Checkpointer(str(ro / "checkpoints"))
+  # A real unwritable folder (as root: immutable), where this machine can make one.
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  undo = _make_unwritable(ro)
+  if undo is not None:
+    try:
+      with pytest.raises(checkpointing.CheckpointError, match="not writable"):
+        checkpointing.Checkpointer(str(ro / "checkpoints"))
+      assert not os.path.exists(ro / "checkpoints")
+    finally:
+      undo()
+  # Everywhere, root or not: the check's one file creation (`os.open`) is refused.
+  target, probes, real_open = tmp_path / "denied", [], os.open
+
+  def denied(path, flags, *args, **kwargs):
+    if os.path.dirname(os.fspath(path)) == str(target):
+      probes.append(os.path.basename(os.fspath(path)))
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", denied)
+  with pytest.raises(checkpointing.CheckpointError, match=r"denied is not writable \(Permission"):
+    checkpointing.Checkpointer(str(target))
+  monkeypatch.undo()
+  assert len(probes) == 1 and probes[0].startswith(".mixjax_write_test_")  # The path it takes.
+  assert os.listdir(target) == []
+  checkpointing.Checkpointer(str(target)).close()  # Unpatched, the same folder passes.
+  assert os.listdir(target) == []  # The probe file is removed.
+
+
+def test_symlinked_step_folder_is_refused_at_start(trained, tmp_path):
+  """orbax's clean-up would rmtree the link (OSError mid-run): refused before anything runs."""
+  w = _copy(trained, tmp_path)
+  d = os.path.join(w, "checkpoints")
+  target, link = str(tmp_path / "elsewhere"), os.path.join(d, "4")
+  shutil.move(link, target)
+  os.symlink(target, link)
+  before = sorted(os.listdir(d))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"symlinked step folders \(4 -> .*elsewhere\).*cp -rL"):
+    train.train_one(_config(), "mixup", w, model=lib.TinyResNet())
+  assert sorted(os.listdir(d)) == before and os.path.isdir(target) and os.path.islink(link)
+  os.remove(link)  # Following the advice: a copy instead of the link.
+  shutil.copytree(target, link)
+  ck = checkpointing.Checkpointer(d, keep=1)
+  ck.save(9, trained[1]["state"], {"step": 9})
+  ck.close()  # The clean-up of steps 4 and 8 runs without error.
+  assert ck.steps() == [9] and sorted(os.listdir(d)) == ["9"]
+
+
+def test_async_writes_are_bounded_and_logged(tmp_path, monkeypatch):
+  ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=5)
+  state = {"w": jnp.arange(4.0)}
+  first = ck.save(1, state, {"step": 1})
+  assert first[:4] == (1, None, None, None)
+  assert checkpointing.describe(first).endswith("last completed write: none yet")
+  # The write of step 1 still in flight when step 3 is saved: it is waited for first.
+  calls, manager = [], ck.manager
+  real_wait, real_save = manager.wait_until_finished, manager.save
+  monkeypatch.setattr(manager, "is_saving_in_progress", lambda: True)
+  monkeypatch.setattr(manager, "wait_until_finished", lambda: (calls.append("wait"), real_wait()))
+  monkeypatch.setattr(manager, "save", lambda *a, **k: (calls.append("save"), real_save(*a, **k)))
+  info = ck.save(3, state, {"step": 3})
+  assert calls[:2] == ["wait", "save"]  # Never two writes in flight.
+  assert info[:4] == (3, 1, 2, 1) and info.waited_s >= 0
+  assert checkpointing.describe(info) == (
+      f"checkpoint step 3: writing in the background; last completed write: step 1 (2 steps "
+      f"behind); waited {info.waited_s:.1f} s for the write of step 1 first")
+  monkeypatch.undo()
+  ck.close()
+  assert ck.steps() == [1, 3]
+  again = checkpointing.Checkpointer(str(tmp_path / "ck"))  # Resumed: the newest on disk.
+  assert again.last_completed == 3
+  again.close()
+
+
+def test_sigterm_while_starting_is_kept(tmp_path, monkeypatch, capsys):
+  """A SIGTERM while the data loads (train_one) or the flags parse (main) saves and exits."""
+  lost = []
+
+  def record(signum, frame):
+    lost.append(signum)
+
+  previous = signal.signal(signal.SIGTERM, record)  # Where a SIGTERM would go if not caught.
+  try:
+    def sigterm_then(fn):
+      def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+      return wrapped
+
+    monkeypatch.setattr(train.from_config, "data", sigterm_then(train.from_config.data))
+    c = _config()
+    res = train.train_one(c, c.method, str(tmp_path / "one"), model=lib.TinyResNet())
+    monkeypatch.undo()
+    assert lost == [] and res["preempted"] and res["step"] == 0
+    assert signal.getsignal(signal.SIGTERM) is record  # The previous handler is back.
+    ck = checkpointing.Checkpointer(str(tmp_path / "one" / "checkpoints"))
+    assert ck.steps() == [0]
+    ck.close()
+    out = capsys.readouterr().out
+    assert "checkpoint step 0: writing in the background" in out and "SIGTERM: saved step 0" in out
+
+    monkeypatch.setattr(train.cli, "parse_args", sigterm_then(train.cli.parse_args))
+    code = train.main(["--config", os.path.join(lib.ROOT, "configs", "digits.py") + ":seeds=1",
+                       "--workdir", str(tmp_path / "two"), "--no_compilation_cache",
+                       "--config.progress_bar=False"])
+    assert code == 0 and lost == [] and "SIGTERM: saved step 0" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is record
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import train
 import train_testlib as lib
 from mixjax import adapters
+from mixjax import compilation_cache as cache_lib
 from mixjax import config_utils
 from mixjax import objectives
 from mixjax import pairing
@@ -441,13 +442,13 @@ def test_second_run_compiles_from_the_persistent_cache(tmp_path):
 
 def test_compilation_cache_location_and_opt_out(tmp_path, monkeypatch):
   monkeypatch.setenv("MIXJAX_CACHE_DIR", str(tmp_path / "c"))
-  assert train.use_compilation_cache(disable=True) is None
+  assert cache_lib.use(disable=True) is None
   monkeypatch.setenv("MIXJAX_NO_COMPILATION_CACHE", "1")
-  assert train.use_compilation_cache() is None and not os.path.exists(tmp_path / "c")
+  assert cache_lib.use() is None and not os.path.exists(tmp_path / "c")
   monkeypatch.delenv("MIXJAX_NO_COMPILATION_CACHE")
   old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
   try:
-    assert train.use_compilation_cache() == str(tmp_path / "c")
+    assert cache_lib.use() == str(tmp_path / "c")
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
     assert jax.config.jax_persistent_cache_min_compile_time_secs <= 0.1
   finally:
