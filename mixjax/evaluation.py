@@ -49,7 +49,7 @@ class Evaluator:
         out_shardings=NamedSharding(batch_sharding.mesh, P()))  # Inputs keep their shardings.
 
   def metrics(self, variables: dict[str, Any]) -> dict[str, float]:
-    """{'loss', 'top1', 'top5', 'ece'} of `variables` over the eval set (means over examples)."""
+    """{'loss', 'top1', 'top5', 'ece', 'confidence'} of `variables` over the eval set (means over examples)."""
     sums = None
     for batch in self.eval_batches():
       out = self._step(variables, sharding.global_batch(batch, self.batch_sharding))
@@ -58,7 +58,8 @@ class Evaluator:
     n = max(float(sums["count"]), 1.0)
     return {"loss": float(sums["loss"]) / n, "top1": float(sums["top1"]) / n,
             "top5": float(sums["top5"]) / n,
-            "ece": ts.expected_calibration_error(sums["calibration"])}
+            "ece": ts.expected_calibration_error(sums["calibration"]),
+            "confidence": ts.mean_confidence(sums["calibration"])}
 
   def __call__(self, state: ts.TrainState, final: bool = False) -> dict[str, dict[str, float]]:
     """{'eval': metrics[, 'eval_ema': metrics of the EMA parameters]} of `state`.

@@ -11,7 +11,9 @@ run uses it to show what mixup buys over ERM):
     error.
 
 The table (mean +- std over seeds) has test error, negative log-likelihood,
-15-bin expected calibration error, FGSM error and the corrupted-label error.
+15-bin expected calibration error, mean confidence minus accuracy (> 0:
+over-confident, < 0: under-confident), FGSM error and the corrupted-label
+error.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def fgsm_error(logits_fn: Callable[[jax.Array], jax.Array],
 
 
 COLUMNS = (("error", "test error %"), ("nll", "NLL"), ("ece", "ECE %"),
+           ("overconfidence", "confidence - accuracy %"),
            ("fgsm_error", "FGSM error %"), ("corrupted_error", "error, corrupted labels %"))
 
 
@@ -118,6 +121,7 @@ def summarize(config: ml_collections.ConfigDict, results: list[tuple[Run, dict[s
       cols["error"].append(1.0 - ev["top1"])
       cols["nll"].append(ev["loss"])
       cols["ece"].append(ev["ece"])
+      cols["overconfidence"].append(ev["confidence"] - ev["top1"])
       if "fgsm_top1" in ev:
         cols["fgsm_error"].append(1.0 - ev["fgsm_top1"])
     else:

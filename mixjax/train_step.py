@@ -190,3 +190,15 @@ def expected_calibration_error(calibration: Any) -> float:
   if total <= 0:
     raise ValueError("expected_calibration_error needs at least one evaluated example.")
   return float(np.sum(np.abs(correct - conf)) / total)
+
+
+def mean_confidence(calibration: Any) -> float:
+  """Mean top-1 softmax probability from `eval_step`'s summed 'calibration' f32[3, bins].
+
+  Minus top-1 accuracy, it says the direction of miscalibration: > 0
+  over-confident, < 0 under-confident (ECE only says how far).
+  """
+  count, conf, _ = (np.asarray(r, np.float64) for r in calibration)
+  if count.sum() <= 0:
+    raise ValueError("mean_confidence needs at least one evaluated example.")
+  return float(conf.sum() / count.sum())

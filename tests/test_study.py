@@ -51,7 +51,8 @@ def test_study_runs_each_method_over_seeds_and_writes_the_table(tmp_path, capsys
   assert len(results) == 4  # 2 seeds x (clean, corrupted).
   assert all("fgsm_top1" in r["eval"] and 0 <= r["eval"]["ece"] <= 1 for r in results)
   out = capsys.readouterr().out
-  assert "| method | test error % | NLL | ECE % | FGSM error % | error, corrupted labels % |" in out
+  assert ("| method | test error % | NLL | ECE % | confidence - accuracy % | FGSM error % | "
+          "error, corrupted labels % |") in out
   assert "2 seeds (0, 1)" in out and "| mixup |" in out
   table = (tmp_path / "summary.md").read_text()
   data = json.loads((tmp_path / "summary.json").read_text())
@@ -60,6 +61,9 @@ def test_study_runs_each_method_over_seeds_and_writes_the_table(tmp_path, capsys
   assert len(data["methods"]["mixup"]["corrupted_error"]) == 2
   clean = sorted(1 - r["eval"]["top1"] for r in results[:2])
   assert sorted(data["methods"]["mixup"]["error"]) == pytest.approx(clean)
+  gaps = sorted(r["eval"]["confidence"] - r["eval"]["top1"] for r in results[:2])
+  assert sorted(data["methods"]["mixup"]["overconfidence"]) == pytest.approx(gaps)
+  assert all(0 < r["eval"]["confidence"] <= 1 for r in results)
   assert (tmp_path / "mixup" / "seed1_corrupt0.2" / "checkpoints").is_dir()
 
 

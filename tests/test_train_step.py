@@ -97,6 +97,7 @@ def test_eval_step_calibration_matches_numpy_ece():
             for b in [(conf > lo) & (conf <= hi) for lo, hi in zip(edges[:-1], edges[1:])]
             if np.any(b))
   np.testing.assert_allclose(ts.expected_calibration_error(sums["calibration"]), ece, rtol=1e-5)
+  np.testing.assert_allclose(ts.mean_confidence(sums["calibration"]), conf.mean(), rtol=1e-5)
   np.testing.assert_allclose(float(sums["count"]), 37)
   nll = -np.log(p[np.arange(37), np.asarray(labels)[:37]]).sum()
   np.testing.assert_allclose(float(sums["loss"]), nll, rtol=1e-5)
