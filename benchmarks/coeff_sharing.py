@@ -90,7 +90,7 @@ def main(argv=None):
   erm, per_batch = costs["erm"], costs["per batch"]
   print(f"device: {jax.devices()[0].device_kind} x {args.devices}  model: {args.model}  "
         f"global batch: {args.batch}  image: {args.image_size}")
-  print("| lam shared | FLOPs / ERM | bytes / ERM | FLOPs / per batch | bytes / per batch | "
+  print("| scope | FLOPs / ERM | bytes / ERM | FLOPs / per batch | bytes / per batch | "
         "collectives |\n|---|---|---|---|---|---|")
   for name, (flops, nbytes, coll) in costs.items():
     print(f"| {name} | {flops / erm[0]:.4f} | {nbytes / erm[1]:.4f} | "
