@@ -459,7 +459,7 @@ def describe(config: Optional[ConfigDict] = None) -> str:
 
 
 def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
-  """The CutMix, BCE-threshold, k-way and lam_scope keys of `config.mix` (ValueError naming the key)."""
+  """The CutMix, BCE-threshold, k-way and lam_scope keys of `config.mix` (ValueError naming it)."""
   m = config.mix
   if m.lam_scope == "pair" and m.pairing != "reverse":
     raise ValueError(f"config.mix.lam_scope='pair' shares lam between examples i and B-1-i "

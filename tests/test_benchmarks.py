@@ -31,7 +31,8 @@ def _rows(text: str) -> dict[str, list[str]]:
   out = {}
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if line.startswith("|") and not set(line) <= set("|-") and not cells[0] in ("method", "model", "scope"):
+    header = cells[0] in ("method", "model", "scope")
+    if line.startswith("|") and not set(line) <= set("|-") and not header:
       out[cells[0]] = cells[1:]
   return out
 

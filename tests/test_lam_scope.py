@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 import train_testlib as lib
-from mixjax import amp, config_utils, from_config, methods, mixing, objectives, pairing, policies
+from mixjax import config_utils, from_config, methods, mixing, objectives, pairing, policies
 
 B = 32
 
@@ -154,12 +154,6 @@ def test_scope_errors_name_the_cause():
     methods.get_objective("mixup", num_classes=3, lam_scope="elem")
   obj = methods.get_objective("mixup+amp+mixupe", num_classes=3, lam_scope="batch")
   assert not obj.base.base.policy.per_example
-
-
-def test_amp_called_directly_on_cutmix_is_refused():
-  base = objectives.mixup(policies.cutmix(1.0, (8, 8)), num_classes=3)
-  with pytest.raises(ValueError, match="not defined on a CutMix policy.*hard 0/1 mask"):
-    amp.amp(base)
 
 
 def test_config_lam_scope_reaches_the_objective_and_trains():
