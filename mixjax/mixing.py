@@ -210,8 +210,9 @@ def check_batch(inputs: PyTree, labels: jax.Array, float_inputs: bool = True) ->
 SCOPES = ("example", "pair", "device", "host")
 
 
-def check_scope(scope: str, policy: policies.Policy, pairing: pairing_lib.Pairing) -> None:
-  """ValueError unless `scope` is one of `SCOPES` and fits `policy` and `pairing`."""
+def check_scope(scope: str, policy: policies.Policy,
+                pairing: Optional[pairing_lib.Pairing] = None) -> None:
+  """ValueError unless `scope` is one of `SCOPES` and fits `policy` and `pairing` (if given)."""
   if scope not in SCOPES:
     raise ValueError(f"scope must be one of {list(SCOPES)} (a per-batch coefficient is the "
                      f"policy's per_example=False), got {scope!r}.")
@@ -219,7 +220,7 @@ def check_scope(scope: str, policy: policies.Policy, pairing: pairing_lib.Pairin
     raise ValueError(f"scope={scope!r} shares one of the policy's per-example draws within each "
                      f"{scope} block, but the policy draws one coefficient per batch "
                      "(per_example=False): build it with per_example=True.")
-  if scope == "pair" and pairing is not pairing_lib.reverse:
+  if scope == "pair" and pairing is not None and pairing is not pairing_lib.reverse:
     raise ValueError(f"scope='pair' gives examples i and B-1-i one coefficient (timm's "
                      f"mode='pair'), so it needs pairing.reverse (the flipped batch), got "
                      f"{getattr(pairing, '__name__', pairing)!r}.")
@@ -260,9 +261,11 @@ def share(key: jax.Array, policy: policies.Policy, batch: int, scope: str, perm:
   the same (seed, step): all processes agree on them without communicating,
   and each device then keeps the rows of its shard, so the draw adds no
   collective. Every value keeps the policy's distribution (KS-tested).
-  Returns f32[B] leaves (masks f32[B, ...]) laid out along the batch axis
-  with a mesh; f32[] stays replicated.
+  perm: int32[B] partners (used by 'pair'). Returns f32[B] leaves (masks
+  f32[B, ...]) laid out along the batch axis with a mesh; f32[] stays
+  replicated.
   """
+  check_scope(scope, policy)
   if scope == "example":
     coeffs = policy(key, batch)
     rows = None
