@@ -172,6 +172,11 @@ class Amp(objectives.Wrapper):
       raise ValueError(f"amp compares per-example losses, so its base's loss must be a mean of "
                        f"per-example losses; {type(self.base).__name__}'s is not. Put amp "
                        f"inside: mixupe(amp(base)), not amp(mixupe(base)).")
+    if isinstance(getattr(self.base, "policy", None), policies.CutMix):
+      raise ValueError("amp is not defined on a CutMix policy: AMP's Max step differentiates the "
+                       "loss with respect to a scalar input coefficient lam, and a CutMix box is a "
+                       "hard 0/1 mask with no gradient in lam. Use a mixup-family policy "
+                       "(policies.mixup/untied_mixup/dat) under amp.")
     if any(isinstance(o, Amp) for o in _chain(self.base)):
       raise ValueError("amp(amp(...)): AMP is applied once; set eps and mode on one amp.")
     if self.mode not in MODES:

@@ -54,7 +54,7 @@ def base_config() -> ConfigDict:
   c.mix = ConfigDict(dict(
       alpha=1.0,
       beta=None,           # None: beta = alpha.
-      per_example=True,    # one lam per example (False: one per batch).
+      lam_scope="example",  # one lam per example, pair (i, B-1-i), device, host or batch.
       pairing="random",    # within-batch pairing: random, reverse, roll, same_class.
       shard_local=True,    # pair inside each device's shard (no cross-device traffic).
       point=None,          # None mixes inputs; a submodule path mixes its output.
@@ -318,6 +318,7 @@ def validate(config: ConfigDict) -> None:
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, SCHEDULES)
   _choice("mix.loss", config.mix.loss, methods_lib.LOSSES)
+  _choice("mix.lam_scope", config.mix.lam_scope, methods_lib.LAM_SCOPES)
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
   _choice("amp.mode", config.amp.mode, amp_lib.MODES)
@@ -395,6 +396,7 @@ def choices() -> dict[str, str]:
       "method": grammar,
       "mix.pairing": str(sorted(pairing_lib._REGISTRY)),  # pylint: disable=protected-access
       "mix.loss": str(list(methods_lib.LOSSES)),
+      "mix.lam_scope": str(list(methods_lib.LAM_SCOPES)),
       "amp.mode": str(list(amp_lib.MODES)),
       "amp.variant": str(list(amp_lib.VARIANTS)),
       "mixupe.variant": str(list(mixupe_lib.VARIANTS)),
@@ -457,8 +459,15 @@ def describe(config: Optional[ConfigDict] = None) -> str:
 
 
 def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
-  """The CutMix, BCE-threshold and k-way keys of `config.mix` (ValueError naming the key)."""
+  """The CutMix, BCE-threshold, k-way and lam_scope keys of `config.mix` (ValueError naming it)."""
   m = config.mix
+  if m.lam_scope == "pair" and m.pairing != "reverse":
+    raise ValueError(f"config.mix.lam_scope='pair' shares lam between examples i and B-1-i "
+                     f"(timm's mode='pair'), so it needs config.mix.pairing='reverse', got "
+                     f"{m.pairing!r}.")
+  if m.lam_scope in ("device", "host") and not m.shard_local:
+    raise ValueError(f"config.mix.lam_scope={m.lam_scope!r} needs config.mix.shard_local=True "
+                     f"(the objective then knows which {m.lam_scope} holds each example).")
   for name in ("switch_prob", "apply_prob"):
     if not 0.0 <= m[name] <= 1.0:
       raise ValueError(f"config.mix.{name} must be a probability in [0, 1], got {m[name]!r}.")
@@ -479,6 +488,9 @@ def _validate_mix_extensions(config: ConfigDict, runs: Sequence[str]) -> None:
                        f"{m.bce_threshold!r}.")
   if not isinstance(m.k, int) or m.k < 2:
     raise ValueError(f"config.mix.k must be an integer >= 2 (2: pairwise mixing), got {m.k!r}.")
+  if m.k > 2 and m.lam_scope != "example":
+    raise ValueError(f"config.mix.k={m.k} (k-way Dirichlet mixing) draws weights per example: "
+                     f"set config.mix.lam_scope='example', got {m.lam_scope!r}.")
   for method in runs:
     base, wrappers = methods_lib.parse(method)
     if m.k > 2 and base not in ("mixup", "erm") or m.k > 2 and wrappers:

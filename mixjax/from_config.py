@@ -80,7 +80,7 @@ def objective(config: ConfigDict, method: str, mesh: Optional[Mesh]) -> objectiv
 
   The CutMix keys (`mix.cutmix_alpha`, `switch_prob`, `apply_prob`,
   `cutmix_minmax`, `correct_lam`; image shape `dataset.input_shape`),
-  `mix.bce_threshold` and the k-way keys (`mix.k`, `mix.k_largest_first`) are
+  `mix.bce_threshold`, `mix.lam_scope` and the k-way keys (`mix.k`, `mix.k_largest_first`) are
   passed through; the ERM objective (ERM runs, `erm_warmup_steps`) ignores `k`.
 
   mesh: the training mesh; with `config.mix.shard_local`, pairs are drawn
@@ -92,7 +92,7 @@ def objective(config: ConfigDict, method: str, mesh: Optional[Mesh]) -> objectiv
   mixupe["mean"] = None if mixupe["mean"] == "running" else mixupe["mean"]
   return methods.get_objective(
       method, num_classes=config.dataset.num_classes, alpha=m.alpha, beta=m.beta,
-      per_example=m.per_example, pairing=m.pairing, point=m.point,
+      lam_scope=m.lam_scope, pairing=m.pairing, point=m.point,
       label_smoothing=m.label_smoothing, loss=m.loss, cosine_dim=m.cosine_dim,
       interpolate=m.interpolate, amp=dict(config.amp), mixupe=mixupe,
       mesh=mesh if m.shard_local else None, axis_name=axis_name,

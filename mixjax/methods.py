@@ -38,6 +38,8 @@ BASES = ("erm", "mixup", "untied", "dat")
 WRAPPERS = ("amp", "mixupe")
 MIXING_BASES = ("mixup", "untied", "dat")
 LOSSES = tuple(losses_lib.LOSSES) + ("cosine",)
+# Where one mixing coefficient is shared: one per batch, or `mixing.SCOPES`.
+LAM_SCOPES = ("batch",) + mixing.SCOPES
 
 
 def parse(method: str) -> tuple[str, tuple[str, ...]]:
@@ -129,7 +131,7 @@ class Dirichlet:
 
 
 def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
-                  beta: Optional[float] = None, per_example: bool = True,
+                  beta: Optional[float] = None, lam_scope: str = "example",
                   pairing: str = "random", point: Optional[str] = None,
                   label_smoothing: float = 0.0, loss: str = "softmax_xent",
                   cosine_dim: int = 300, cosine_seed: int = 0, interpolate: bool = True,
@@ -146,6 +148,12 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   'erm+mixupe', of the D_lam whose E[1 - lam] weighs MixupE's term).
   amp: kwargs of `amp.amp` (e.g. {'eps': 0.002, 'mode': 'full'}).
   mixupe: kwargs of `mixupe.mixupe` (e.g. {'eta': 1e-3}).
+  lam_scope: where one coefficient is shared (`LAM_SCOPES`): 'batch' (the
+  policy's `per_example=False`), 'example', 'pair' (examples i and B-1-i;
+  needs pairing 'reverse': timm's mode='pair'), 'device' or 'host' (one per
+  device shard or process of the batch; these need `mesh`, the batch's
+  layout). Every method takes every scope; AMP then moves each example's
+  coefficient by its own gradient, as it does for a per-batch draw.
   loss: 'softmax_xent', 'sigmoid_xent', 'bce' (`losses.BinaryCrossEntropy`
   with `bce_threshold`; with a threshold targets are mixed, not losses) or
   'cosine' (negative cosine against fixed random class embeddings of
@@ -154,7 +162,7 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
 
   CutMix (`policies.cutmix`), timm's `Mixup` with `mixup_alpha=alpha`: with
   `cutmix_alpha > 0` (or `cutmix_minmax` set) the 'mixup' base draws, per
-  example (or per batch, `per_example=False`), CutMix with probability
+  draw (per `lam_scope`), CutMix with probability
   `switch_prob` (boxes from `Beta(cutmix_alpha, cutmix_alpha)` or
   `cutmix_minmax`, `correct_lam`) and mixup with `Beta(alpha, alpha)`
   otherwise, and mixes at all with probability `apply_prob`.
@@ -166,12 +174,23 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
   the example itself).
   """
   base, wrappers = parse(method)
+  if lam_scope not in LAM_SCOPES:
+    raise ValueError(f"lam_scope must be one of {list(LAM_SCOPES)}, got {lam_scope!r}.")
+  if lam_scope in ("device", "host") and mesh is None and base != "erm":
+    raise ValueError(f"lam_scope={lam_scope!r} shares a coefficient within each {lam_scope} "
+                     "block of the batch, so it needs the mesh the batch is sharded over "
+                     "(mesh=...); without one, use 'batch' or 'example'.")
+  per_example = lam_scope != "batch"
+  scope = "example" if lam_scope == "batch" else lam_scope
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}.")
   if bce_threshold is not None and loss != "bce":
     raise ValueError(f"bce_threshold={bce_threshold!r} needs loss='bce', got loss={loss!r}.")
   if int(k) != k or k < 2:
     raise ValueError(f"k (examples mixed per example) must be an integer >= 2, got {k!r}.")
+  if k > 2 and lam_scope != "example":
+    raise ValueError(f"k={k} (k-way Dirichlet mixing) draws its weights per example; "
+                     f"lam_scope={lam_scope!r} applies to pairwise mixing (k=2) only.")
   if k > 2 and (base != "mixup" or wrappers or point is not None):
     raise ValueError(f"k={k} (k-way Dirichlet mixing) works with method 'mixup' at the input "
                      f"only, got method {method!r} and point={point!r}; use k=2 otherwise.")
@@ -224,7 +243,7 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
     else:
       policy = policies.dat(alpha, beta, per_example)
     obj = objectives.Mixup(policy, pairing_lib.get_pairing(pairing), loss_fn, num_classes, point,
-                           interpolate, label_smoothing, mesh, axis_name, to_logits)
+                           interpolate, label_smoothing, mesh, axis_name, to_logits, scope)
   if "amp" in wrappers:
     obj = amp_lib.amp(obj, **(amp or {}))
   if "mixupe" in wrappers:

@@ -205,27 +205,111 @@ def check_batch(inputs: PyTree, labels: jax.Array, float_inputs: bool = True) ->
   return batch
 
 
+# Where one coefficient draw is shared (`draw`'s `scope`); a per-batch draw is the
+# policy's own (`per_example=False`).
+SCOPES = ("example", "pair", "device", "host")
+
+
+def check_scope(scope: str, policy: policies.Policy,
+                pairing: Optional[pairing_lib.Pairing] = None) -> None:
+  """ValueError unless `scope` is one of `SCOPES` and fits `policy` and `pairing` (if given)."""
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {list(SCOPES)} (a per-batch coefficient is the "
+                     f"policy's per_example=False), got {scope!r}.")
+  if scope != "example" and not getattr(policy, "per_example", True):
+    raise ValueError(f"scope={scope!r} shares one of the policy's per-example draws within each "
+                     f"{scope} block, but the policy draws one coefficient per batch "
+                     "(per_example=False): build it with per_example=True.")
+  if scope == "pair" and pairing is not None and pairing is not pairing_lib.reverse:
+    raise ValueError(f"scope='pair' gives examples i and B-1-i one coefficient (timm's "
+                     f"mode='pair'), so it needs pairing.reverse (the flipped batch), got "
+                     f"{getattr(pairing, '__name__', pairing)!r}.")
+
+
+def shard_groups(scope: str, mesh: Optional[Mesh], axis_name: AxisName = "data") -> np.ndarray:
+  """int[D]: the block (0 .. G-1) of each of the D batch shards, for scope 'device' or 'host'.
+
+  'device': shard `s` is its own block. 'host': the block of shard `s` is the
+  rank of the process that holds it (among the processes holding the batch).
+  Without a mesh the batch is one shard on one device of one process ([0]).
+  Static (NumPy): read from the mesh's devices, never from traced values.
+  """
+  if mesh is None:
+    return np.zeros((1,), np.int64)
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  num_shards(mesh, axis_name)  # Raises for an unknown axis.
+  order = [mesh.axis_names.index(n) for n in names]
+  rest = [i for i in range(mesh.devices.ndim) if i not in order]
+  devices = np.transpose(mesh.devices, order + rest)
+  devices = devices[(Ellipsis,) + (0,) * len(rest)].reshape(-1)  # Batch shard order.
+  if scope == "device":
+    return np.arange(devices.size)
+  return np.unique([d.process_index for d in devices], return_inverse=True)[1].reshape(-1)
+
+
+def share(key: jax.Array, policy: policies.Policy, batch: int, scope: str, perm: jax.Array, *,
+          mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> policies.Coefficients:
+  """The coefficients of B examples, one draw of `policy` shared within each block of `scope`.
+
+  scope 'example': the policy's draw as it is (f32[B] per example, f32[] for
+  a per-batch policy; CutMix masks f32[B, H, W, 1]). 'pair': example `i`
+  takes draw `min(i, perm[i])`, so `i` and its partner share it (with
+  reverse pairing, `i` and `B-1-i`: timm's mode='pair'). 'device' / 'host':
+  the policy draws G coefficients (one per device shard of the batch, or per
+  process: `shard_groups`) and each example takes its block's. The G (or B)
+  numbers are drawn replicated from `key`, which every process derives from
+  the same (seed, step): all processes agree on them without communicating,
+  and each device then keeps the rows of its shard, so the draw adds no
+  collective. Every value keeps the policy's distribution (KS-tested).
+  perm: int32[B] partners (used by 'pair'). Returns f32[B] leaves (masks
+  f32[B, ...]) laid out along the batch axis with a mesh; f32[] stays
+  replicated.
+  """
+  check_scope(scope, policy)
+  if scope == "example":
+    coeffs = policy(key, batch)
+    rows = None
+  elif scope == "pair":
+    coeffs = policy(key, batch)
+    rows = jnp.minimum(jnp.arange(batch, dtype=jnp.int32), perm)
+  else:
+    groups = shard_groups(scope, mesh, axis_name)
+    if batch % groups.size:
+      raise ValueError(f"batch size {batch} is not divisible by the {groups.size} shards of "
+                       f"{axis_name!r}.")
+    coeffs = policy(key, int(groups.max()) + 1)
+    rows = jnp.asarray(np.repeat(groups, batch // groups.size), jnp.int32)
+  if mesh is not None:
+    coeffs = _replicated(coeffs, mesh)
+  if rows is not None:
+    coeffs = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0), coeffs)
+  if mesh is not None:
+    coeffs = jax.tree_util.tree_map(lambda c: _batch_sharded(c, mesh, axis_name), coeffs)
+  return coeffs
+
+
 def draw(key: jax.Array, labels: jax.Array, batch: int, *, policy: policies.Policy,
          pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
          num_classes: Optional[int] = None, label_smoothing: float = 0.0,
-         mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> Draw:
+         mesh: Optional[Mesh] = None, axis_name: AxisName = "data",
+         scope: str = "example") -> Draw:
   """Coefficients, partners and targets for a batch of B examples (the one draw of every method).
 
   `key` splits into the coefficients' key and the pairing's key. Coefficients
-  are drawn replicated (B numbers: every device draws the same, so the Beta
+  are drawn replicated (every device draws the same numbers, so the Beta
   sampler's rejection loop never synchronises devices); with a mesh,
   per-example ones are then laid out along the batch axis like the examples
   (a local slice), so everything per example stays on its device.
+  scope: where one draw is shared, 'example' (default), 'pair', 'device' or
+  'host' (see `share`; a per-batch draw is the policy's `per_example=False`).
   """
   checks.prng_key("key", key)
   policies.check_policy("policy", policy)
+  check_scope(scope, policy, pairing)
   targets = to_targets(labels, num_classes, label_smoothing)
   k_lam, k_pair = jax.random.split(key)
-  coeffs = policy(k_lam, batch)
-  if mesh is not None:
-    coeffs = _replicated(coeffs, mesh)
-    coeffs = jax.tree_util.tree_map(lambda c: _batch_sharded(c, mesh, axis_name), coeffs)
   perm = pair(k_pair, class_ids(labels), pairing, mesh=mesh, axis_name=axis_name)
+  coeffs = share(k_lam, policy, batch, scope, perm, mesh=mesh, axis_name=axis_name)
   targets_b = take(targets, perm, mesh=mesh, axis_name=axis_name)
   return Draw(coeffs, perm, targets, targets_b)
 
@@ -234,7 +318,8 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
               policy: policies.Policy,
               pairing: pairing_lib.Pairing = pairing_lib.random_permutation,
               num_classes: Optional[int] = None, label_smoothing: float = 0.0,
-              mesh: Optional[Mesh] = None, axis_name: AxisName = "data") -> MixedBatch:
+              mesh: Optional[Mesh] = None, axis_name: AxisName = "data",
+              scope: str = "example") -> MixedBatch:
   """Draws coefficients and partners and mixes a batch.
 
   Args:
@@ -250,13 +335,15 @@ def mix_batch(key: jax.Array, inputs: PyTree, labels: jax.Array, *,
       `g` pairing with key `fold_in(key_pair, g)`: equal to the single-device
       result with `pairing.grouped(pairing, num_shards)`, and no example moves
       between devices.
+    scope: where one coefficient is shared: 'example', 'pair', 'device' or
+      'host' (`share`); one per batch is the policy's `per_example=False`.
   Returns:
     A `MixedBatch`. The draw is `draw(key, labels, B, ...)`, the one every
     mixing objective makes.
   """
   batch = check_batch(inputs, labels)
   d = draw(key, labels, batch, policy=policy, pairing=pairing, num_classes=num_classes,
-           label_smoothing=label_smoothing, mesh=mesh, axis_name=axis_name)
+           label_smoothing=label_smoothing, mesh=mesh, axis_name=axis_name, scope=scope)
   mixed = mix_with_partner(inputs, d.perm, d.coeffs.lam_x, mesh=mesh, axis_name=axis_name)
   mixed_targets = mix(d.targets_a, d.targets_b, d.coeffs.lam_y)
   return MixedBatch(mixed, mixed_targets, d.targets_a, d.targets_b, d.coeffs, d.perm)

@@ -164,6 +164,10 @@ class Mixup(_Steps):
   point: None mixes inputs, a submodule path mixes that hidden output.
   interpolate: interpolate losses (True) or use mixed targets (False).
   mesh/axis_name: shard-local pairing and mixing over a batch-sharded mesh.
+  scope: where one coefficient is shared: 'example' (the policy's draw as it
+    is), 'pair' (examples i and B-1-i, reverse pairing), 'device' or 'host'
+    (one per device shard or process of the batch; `mixing.share`). One per
+    batch is the policy's `per_example=False`.
   """
   policy: policies.Policy
   pairing: pairing_lib.Pairing = pairing_lib.random_permutation
@@ -175,12 +179,14 @@ class Mixup(_Steps):
   mesh: Optional[Mesh] = None
   axis_name: mixing.AxisName = "data"
   to_logits: Callable[[jax.Array], jax.Array] = identity
+  scope: str = "example"
 
   decomposes = True
   mixes = True
 
   def __post_init__(self):
     policies.check_policy("policy", self.policy)
+    mixing.check_scope(self.scope, self.policy, self.pairing)
 
   def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
     """Extra model-state collections this objective keeps ({}: none)."""
@@ -193,7 +199,7 @@ class Mixup(_Steps):
     batch = mixing.check_batch(inputs, labels, float_inputs=self.point is None)
     return mixing.draw(key, labels, batch, policy=self.policy, pairing=self.pairing,
                        num_classes=self.num_classes, label_smoothing=self.label_smoothing,
-                       mesh=self.mesh, axis_name=self.axis_name)
+                       mesh=self.mesh, axis_name=self.axis_name, scope=self.scope)
 
   def mix_spec(self, draw: mixing.Draw) -> adapters.MixSpec:
     """Where and how the final pass mixes, at the draw's input coefficient."""
@@ -270,7 +276,8 @@ def mixup(policy: policies.Policy, pairing: pairing_lib.Pairing = pairing_lib.ra
           loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
           num_classes: Optional[int] = None, point: Optional[str] = None,
           interpolate: bool = True, label_smoothing: float = 0.0,
-          mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data") -> Mixup:
+          mesh: Optional[Mesh] = None, axis_name: mixing.AxisName = "data",
+          scope: str = "example") -> Mixup:
   """A mixup-family objective (see `Mixup`)."""
   return Mixup(policy, pairing, loss_fn, num_classes, point, interpolate, label_smoothing,
-               mesh, axis_name)
+               mesh, axis_name, scope=scope)

@@ -66,7 +66,7 @@ def image_config(dataset: str, model: str, paper: str, method: str) -> ConfigDic
     c.mix.pairing = "reverse"
     c.mix.cosine_dim = 700 if classes == 100 else 300
   if paper == "mixup":
-    c.mix.per_example = False
+    c.mix.lam_scope = "batch"
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000

@@ -31,7 +31,8 @@ def _rows(text: str) -> dict[str, list[str]]:
   out = {}
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if line.startswith("|") and not set(line) <= set("|-") and not cells[0] in ("method", "model"):
+    header = cells[0] in ("method", "model", "scope")
+    if line.startswith("|") and not set(line) <= set("|-") and not header:
       out[cells[0]] = cells[1:]
   return out
 
@@ -104,3 +105,15 @@ def test_suite_cpu(capsys):
   with pytest.raises(SystemExit):
     _main("suite")(["--device", "cpu", "--methods", "amp"])
   assert "choose from" in capsys.readouterr().err
+
+
+def test_coeff_sharing(capsys):
+  _main("coeff_sharing")(["--model", "digits_cnn", "--image-size", "8", "--batch", "4",
+                          "--devices", "2"])
+  rows = _rows(capsys.readouterr().out)
+  assert set(rows) == {"erm", "per batch", "per host", "per device", "per example", "per pair"}
+  assert _number(rows["erm"][0]) == 1.0 and _number(rows["per batch"][2]) == 1.0
+  for name, cells in rows.items():
+    assert all(_number(c) > 0 for c in cells), (name, cells)
+  # No scope adds a collective to the compiled step beyond per-example mixup's.
+  assert all(_number(c[4]) <= _number(rows["per example"][4]) for c in rows.values()), rows

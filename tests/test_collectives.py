@@ -2,7 +2,8 @@
 
 Compiled over 8 CPU devices with the batch split along 'data' and shard-local
 mixing, the optimized HLO of every method and combination, mixing at the input
-and at a hidden layer, holds only all-reduces (gradients and global batch-norm
+and at a hidden layer, with the coefficient shared per example, pair, device,
+host or batch, holds only all-reduces (gradients and global batch-norm
 statistics): no all-gather, all-to-all or collective-permute of coefficients,
 masks, lambda-gradients or examples.
 """
@@ -37,11 +38,13 @@ class Net(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
-def _collectives(method: str, point) -> dict[str, int]:
+@functools.lru_cache(maxsize=None)  # The per-example counts are reused by the scope cases.
+def _collectives(method: str, point, lam_scope: str = "example") -> dict[str, int]:
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   x, y = jnp.zeros((16, 4, 4, 1)), jnp.zeros((16,), jnp.int32)
   obj = methods.get_objective(method, num_classes=3, alpha=0.4, point=point, mesh=mesh,
-                              axis_name="data")
+                              axis_name="data", lam_scope=lam_scope,
+                              pairing="reverse" if lam_scope == "pair" else "random")
   tx = optax.sgd(0.1, 0.9)
 
   def init():
@@ -70,3 +73,19 @@ def test_sharded_step_has_only_all_reduces(method, point):
   found = _collectives(method, point)
   assert found.get("all-reduce", 0) >= 1, found  # The gradient's.
   assert set(found) == {"all-reduce"}, found
+
+
+# Every coefficient-sharing scope: the per-device (and per-host, per-pair) coefficients
+# are sliced from a replicated draw, so the step gains no collective.
+SCOPE_CASES = ([("mixup", None, s) for s in ("batch", "host", "device", "pair")]
+               + [("untied+amp+mixupe", None, "device"), ("mixup+amp", "fc2", "device"),
+                  ("mixup+mixupe", "fc2", "host")])
+
+
+@pytest.mark.parametrize("method,point,lam_scope", SCOPE_CASES)
+def test_sharing_scopes_add_no_collective(method, point, lam_scope):
+  found = _collectives(method, point, lam_scope)
+  assert found.get("all-reduce", 0) >= 1, found
+  assert set(found) == {"all-reduce"}, found
+  per_example = _collectives(method, point)
+  assert found["all-reduce"] <= per_example["all-reduce"], (found, per_example)

@@ -188,6 +188,15 @@ def test_config_keys_are_validated_and_reach_the_policy():
       config_utils.validate(c)
 
 
+def test_amp_called_directly_on_cutmix_is_refused():
+  """Not only by name: amp.amp() on a CutMix objective, or on a wrapper of one, says why."""
+  from mixjax import amp, objectives
+  base = objectives.mixup(policies.cutmix(1.0, (8, 8)), num_classes=3)
+  for obj in (base, objectives.Wrapper(base)):
+    with pytest.raises(ValueError, match="not defined on a CutMix policy.*hard 0/1 mask"):
+      amp.amp(obj)
+
+
 def test_train_two_steps_with_cutmix_mixup_switching():
   import train
   import train_testlib as lib

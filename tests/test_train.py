@@ -10,7 +10,6 @@ import ast
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -185,17 +184,8 @@ def test_resume_in_process_continues_exactly(tmp_path, reference):
   assert rest["eval_ema"] == ref["eval_ema"] and rest["eval"] == ref["eval"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _spawn(args, env_devices: int = 8, **kw):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.Popen([sys.executable, TESTLIB] + [str(a) for a in args], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+_free_port = lib.free_port
+_spawn = lib.spawn
 
 
 def _wait_for_step(workdir: str, step: int, proc, timeout: float = 90.0) -> None:
@@ -276,14 +266,7 @@ def test_two_processes_match_one_process(tmp_path, fsdp):
   procs = [_spawn([w2, steps, "--mesh_data", 4 // fsdp, "--mesh_fsdp", fsdp, "--width", width,
                    "--ckpt_every", 100 if fsdp == 1 else 2, "--distributed",
                    f"127.0.0.1:{port}", 2, i], env_devices=2) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=150)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  outs = lib.communicate(procs, timeout=150)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
     want = "P(None, None, None, 'fsdp')" if fsdp == 2 else "P()"

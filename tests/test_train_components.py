@@ -25,17 +25,17 @@ from mixjax import optim
 def test_overrides_are_typed_and_unknown_keys_fail_with_suggestion():
   c = cu.base_config()
   c2 = cu.apply_overrides(c, ["optimizer.lr=0.5", "mix.beta=0.9", "dataset.input_shape=(4, 4, 1)",
-                              "mix.per_example=false", "method=untied+amp", "model.kwargs.width=4",
+                              "mix.interpolate=false", "method=untied+amp", "model.kwargs.width=4",
                               "total_steps=7"])
   assert c2.optimizer.lr == 0.5 and c2.mix.beta == 0.9 and c2.dataset.input_shape == (4, 4, 1)
-  assert c2.mix.per_example is False and c2.method == "untied+amp" and c2.model.kwargs.width == 4
+  assert c2.mix.interpolate is False and c2.method == "untied+amp" and c2.model.kwargs.width == 4
   assert c.optimizer.lr == 0.1  # the original is untouched
   with pytest.raises(ValueError, match=r"Unknown config key 'optimizer\.lrr'.*optimizer\.lr"):
     cu.apply_overrides(c, ["optimizer.lrr=0.5"])
   with pytest.raises(ValueError, match="total_steps"):
     cu.apply_overrides(c, ["total_steps=abc"])
   with pytest.raises(ValueError, match="boolean"):
-    cu.apply_overrides(c, ["mix.per_example=maybe"])
+    cu.apply_overrides(c, ["mix.interpolate=maybe"])
   with pytest.raises(ValueError, match="key=value"):
     cu.apply_overrides(c, ["optimizer.lr"])
 

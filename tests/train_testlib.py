@@ -4,12 +4,17 @@ Run as a script with the repository root on PYTHONPATH, it trains
 `tiny_config()` with a local model in a workdir (used by the kill/resume and
 multi-process tests):
     PYTHONPATH=. python tests/train_testlib.py WORKDIR STEPS [--sleep S] [--distributed ADDR N ID]
+    PYTHONPATH=. python tests/train_testlib.py coefficients OUTDIR --distributed ADDR N ID
+The second form draws the coefficients of every sharing scope on the global
+mesh and writes what this process holds (`coefficients_main`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
 import sys
 from typing import Iterator
 
@@ -119,7 +124,85 @@ def train_losses(workdir: str) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+def free_port() -> int:
+  """A free local TCP port (for a `jax.distributed` coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def spawn(args, env_devices: int = 8, **kw) -> subprocess.Popen:
+  """This file run as a script with `args`, on `env_devices` CPU devices (stdout piped)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, os.path.abspath(__file__)] + [str(a) for a in args],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **kw)
+
+
+def communicate(procs, timeout: float) -> list[str]:
+  """The output of each process; all are killed if one overruns `timeout` seconds."""
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outs
+
+
+def _distributed(spec) -> None:
+  addr, n, pid = spec
+  jax.distributed.initialize(coordinator_address=addr, num_processes=int(n),
+                             process_id=int(pid), initialization_timeout=60)
+
+
+def coefficients_main(argv) -> None:
+  """Draws mixup coefficients per batch, host and device on the global (data,) mesh.
+
+  The key is the train step's, `fold_in(key(seed), step)`, the same in every
+  process. Writes OUTDIR/coefficients_<process>.json: the per-batch lam this
+  process holds, the per-host and per-device lam of the rows it holds, and the
+  number of collectives in each compiled draw.
+  """
+  import json
+  import re
+
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from mixjax import mixing, policies
+  outdir, spec = argv[0], argv[argv.index("--distributed") + 1:][:3]
+  _distributed(spec)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch = 4 * len(jax.devices())
+  labels = jax.make_array_from_callback((batch,), NamedSharding(mesh, P("data")),
+                                        lambda idx: np.arange(batch, dtype=np.int32)[idx] % 3)
+  key = jax.random.fold_in(jax.random.key(0), 7)
+  out = {"collectives": {}}
+  for name, per_example, scope in [("batch", False, "example"), ("host", True, "host"),
+                                   ("device", True, "device")]:
+    pol = policies.mixup(0.4, per_example=per_example)
+    f = jax.jit(lambda k, l, pol=pol, scope=scope: mixing.draw(
+        k, l, batch, policy=pol, num_classes=3, mesh=mesh, scope=scope).coeffs.lam_x)
+    hlo = f.lower(key, labels).compile().as_text()
+    out["collectives"][name] = len(re.findall(
+        r"\b(all-gather|all-to-all|collective-permute|all-reduce)(-start)?\(", hlo))
+    lam = f(key, labels)
+    shards = sorted(lam.addressable_shards, key=lambda s: s.index[0].start or 0
+                    if lam.ndim else 0)
+    out[name] = [float(v) for s in shards for v in np.asarray(s.data).reshape(-1)]
+    if name == "batch":
+      out[name] = out[name][:1]
+  with open(os.path.join(outdir, f"coefficients_{jax.process_index()}.json"), "w") as fh:
+    json.dump(out, fh)
+
+
 def main(argv):
+  if argv and argv[0] == "coefficients":
+    return coefficients_main(argv[1:])
   import argparse
   import time
 
@@ -136,9 +219,7 @@ def main(argv):
   p.add_argument("--width", type=int, default=8)
   a = p.parse_args(argv)
   if a.distributed:
-    addr, n, pid = a.distributed
-    jax.distributed.initialize(coordinator_address=addr, num_processes=int(n),
-                               process_id=int(pid), initialization_timeout=60)
+    _distributed(a.distributed)
   import train
   c = tiny_config(a.steps)
   c.mesh_data, c.mesh_fsdp = a.mesh_data, a.mesh_fsdp
