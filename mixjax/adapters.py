@@ -418,7 +418,8 @@ def mixed_rows_only(layout: RowLayout, batch_stats: str, clean_key: jax.Array) -
   total = layout.total
   dropout = _clean_dropout(clean_key)
 
-  def rows(kind, next_fun, args, kwargs, rng_kwarg):
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
+    del module
     x = args[0] if args else None
     if not _has_rows(x, total):
       return next_fun(*args, **kwargs)
@@ -450,8 +451,8 @@ def recording_batch_norm(batch: int) -> Iterator[list[tuple[jax.Array, Any]]]:
   """
   recorded: list[tuple[jax.Array, Any]] = []
 
-  def rows(kind, next_fun, args, kwargs, rng_kwarg):
-    del rng_kwarg
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
+    del rng_kwarg, module
     x = args[0] if args else None
     if kind == "batch_norm" and _has_rows(x, batch):
       recorded.append((x, kwargs.get("mask")))
@@ -477,11 +478,11 @@ def clean_rows_only(layout: RowLayout, recorded: list[tuple[jax.Array, Any]],
   """
   clean = layout.groups * layout.m
   dropout = _clean_dropout(clean_key)
-  used = [0]
+  used, inside = [0], [False]
 
-  def rows(kind, next_fun, args, kwargs, rng_kwarg):
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
     x = args[0] if args else None
-    if not _has_rows(x, clean):
+    if inside[0] or not _has_rows(x, clean):  # inside: `_linen_norm_with_stats_of`'s own calls.
       return next_fun(*args, **kwargs)
     if kind == "batch_norm":
       if used[0] >= len(recorded):
@@ -489,6 +490,15 @@ def clean_rows_only(layout: RowLayout, recorded: list[tuple[jax.Array, Any]],
                          f"{len(recorded)} recorded in the mixed pass.")
       x_m, mask_m = recorded[used[0]]
       used[0] += 1
+      if isinstance(module, nn.BatchNorm):
+        call_ra = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+        if module.use_running_average if call_ra is None else call_ra:
+          return next_fun(*args, **kwargs)  # Running averages: no batch statistics.
+        inside[0] = True
+        try:
+          return _linen_norm_with_stats_of(module, x, x_m, mask_m)
+        finally:
+          inside[0] = False
       if mask_m is None:
         mask = layout.mixed_rows().reshape((layout.total,) + (1,) * (x.ndim - 1))
       else:
@@ -507,6 +517,22 @@ def clean_rows_only(layout: RowLayout, recorded: list[tuple[jax.Array, Any]],
                      f"{len(recorded)}: the model's layers must not depend on the batch size.")
 
 
+def _linen_norm_with_stats_of(module: nn.BatchNorm, x: jax.Array, x_m: jax.Array,
+                              mask_m: Any) -> jax.Array:
+  """`module(x)` normalised with the batch statistics of `x_m` (masked by `mask_m`).
+
+  Two standalone applies of copies of the linen BatchNorm on its variables:
+  with momentum 0 its running-statistics update is exactly the statistics of
+  `x_m`, which the second normalises `x` with. So the rows of `x` cost only
+  their own normalisation (a JVP carries no tangents through `x_m`'s rows).
+  """
+  variables = dict(module.variables)
+  stats_of = module.clone(parent=None, momentum=0.0, use_running_average=False)
+  _, new = stats_of.apply(variables, x_m, mask=mask_m, mutable=["batch_stats"])
+  normalise = module.clone(parent=None, use_running_average=True)
+  return normalise.apply({**variables, "batch_stats": new["batch_stats"]}, x)
+
+
 def _has_rows(x: Any, rows: int) -> bool:
   return hasattr(x, "shape") and bool(x.shape) and x.shape[0] == rows
 
@@ -523,13 +549,18 @@ def _clean_dropout(clean_key: jax.Array) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _routed(rows: Callable[..., Any]) -> Iterator[None]:
-  """Sends linen and NNX BatchNorm/Dropout calls through `rows(kind, next_fun, args, kwargs, rng_kwarg)`."""
+  """Sends linen and NNX BatchNorm/Dropout calls through `rows`.
+
+  `rows(kind, next_fun, args, kwargs, rng_kwarg, module)`: kind 'batch_norm',
+  'dropout' or None, the call, the name of the rng keyword ('rng' in linen,
+  'rngs' in NNX) and the layer.
+  """
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
             "dropout" if isinstance(context.module, nn.Dropout) else None)
-    return rows(kind, next_fun, args, kwargs, "rng")
+    return rows(kind, next_fun, args, kwargs, "rng", context.module)
 
   with nn.intercept_methods(interceptor), nnx_call_hook(lambda model: _nnx_rows(model, rows)):
     yield
@@ -542,7 +573,7 @@ class _Routed:
     self.inner, self.kind, self.rows = inner, kind, rows
 
   def __call__(self, *args, **kwargs):
-    return self.rows(self.kind, self.inner, args, kwargs, "rngs")
+    return self.rows(self.kind, self.inner, args, kwargs, "rngs", self.inner)
 
 
 @contextlib.contextmanager
