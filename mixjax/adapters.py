@@ -10,7 +10,8 @@ None. The new model state holds the updated mutable collections ({} when
 there are none or `train=False`).
 
 Adapters here:
-- `make_apply(module)`: a linen module called as `module(x, train=...)`;
+- `make_apply(module)`: a linen module called as `module(x, train=...)` (a
+  `LinenApply`, which also runs the model split at any hidden point);
 - `make_apply_fn(fn)`: a plain `fn(params, x) -> outputs` (input mixing only);
 - `make_nnx_apply(model)`: a `flax.nnx` model, returning `(apply, variables)`;
 - `SplitApply` / `make_split_apply` / `split_apply_fn`: a model split into
@@ -18,7 +19,8 @@ Adapters here:
   point (AMP's lambda passes) re-run the head only;
 - `mixed_rows_only(...)`: routes the batch-norm and dropout layers of a pass
   over [mixed rows; clean rows] (MixupE's concatenated pass), for linen models
-  and NNX models run by `make_nnx_apply`.
+  and NNX models run by `make_nnx_apply`; `recording_batch_norm` and
+  `clean_rows_only` run the same pass as two, one per block of rows.
 
 No adapter keeps module-level state: NNX call hooks live in a `ContextVar`.
 """
@@ -473,8 +475,12 @@ def clean_rows_only(layout: RowLayout, recorded: list[tuple[jax.Array, Any]],
   rows' and is meant to be discarded); Dropout draws the clean rows' masks of
   `mixed_rows_only`. So the clean outputs, and their derivatives with respect
   to the parameters, the clean rows and the recorded inputs, are those of the
-  clean rows of the concatenated pass. Raises ValueError on exit if the number
-  of BatchNorm calls differs from the recording's.
+  clean rows of the concatenated pass. A linen BatchNorm normalises the clean
+  rows alone (`_linen_norm_with_stats_of`); an NNX one runs over [recorded;
+  clean] rows with a mask, so it also normalises the mixed rows again (the
+  convolutions and dense layers between them see the clean rows only). Raises
+  ValueError on exit if the number of BatchNorm calls differs from the
+  recording's.
   """
   clean = layout.groups * layout.m
   dropout = _clean_dropout(clean_key)

@@ -6,6 +6,9 @@ a wrapper for the duration of the block. Neither needs the model's code changed:
 
   with mix_at("layer2", lam, perm):
     logits = model.apply(variables, x)
+
+`capture_below` and `inject_at` split a linen pass at a submodule: one pass
+records what the layers below it compute, later passes start at it.
 """
 
 from __future__ import annotations

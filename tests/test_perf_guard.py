@@ -183,7 +183,7 @@ def test_attention_implementation_choice():
     vit.dot_product_attention(q, q, q, implementation="flash")
 
 
-# ----------------------------------------------------------------------------- MixupE's JVP, AMP by interception
+# ------------------------------------------------------------- MixupE's JVP, AMP by interception
 # Measured on the guard CNN (FLOPs over the ERM step): exact MixupE 4.0267 with the JVP over all
 # [mixed; clean] rows, 2.9823 with it over the clean rows only; AMP at the last hidden point of
 # the unmodified model (interception) 1.3299 when every lambda pass re-ran the whole model,
