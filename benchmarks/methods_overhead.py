@@ -17,6 +17,8 @@ analysis, for a full jitted train step (forward, backward, SGD update). Rows:
   merge the identical encoder computations).
 - mixupe concat / separate / rho=0.25: MixupE (q^) with the clean pass batched
   into the mixed pass, as a separate pass, and on a quarter of the batch.
+- mixupe exact / exact separate: MixupE's exact q (a JVP along the batch mean
+  minus each example) with the default clean pass and with a separate one.
 - amp + mixupe: both.
 For models from `mixjax.models` the last-hidden rows need `encode`/`head`
 methods and `--point` (the submodule whose output is the last hidden state);
@@ -69,11 +71,12 @@ class SmallCNN(nn.Module):
     return self.head(self.encode(x, train), train)
 
 
-def _model(name: str, num_classes: int, dtype):
+def _model(name: str, num_classes: int, dtype, width=None):
   if name == "small_cnn":
     return SmallCNN(num_classes, dtype), "features"
   from mixjax import models  # The model zoo.
-  return models.get_model(name, num_classes=num_classes, dtype=dtype), None
+  extra = {} if width is None else {"width": width}
+  return models.get_model(name, num_classes=num_classes, dtype=dtype, **extra), None
 
 
 def _time_interleaved(fns, args, steps):
@@ -132,6 +135,9 @@ def methods(num_classes: int, point, split_ok: bool):
       ("mixupe concat", mixupe.mixupe(mix), "whole"),
       ("mixupe separate", mixupe.mixupe(mix, clean_pass="separate"), "whole"),
       ("mixupe rho=0.25", mixupe.mixupe(mix, rho=0.25), "whole"),
+      ("mixupe exact", mixupe.mixupe(mix, exact=True, mean="batch"), "whole"),
+      ("mixupe exact separate", mixupe.mixupe(mix, exact=True, mean="batch",
+                                              clean_pass="separate"), "whole"),
       ("amp + mixupe", mixupe.mixupe(amp.amp(mix)), "whole"),
   ]
   return rows
@@ -143,16 +149,18 @@ def main(argv=None):
   ap.add_argument("--point", default=None,
                   help="submodule path of the last hidden state (default: 'features' for "
                        "small_cnn; rows skipped when unknown)")
+  ap.add_argument("--width", type=int, default=None, help="zoo models: width override")
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--image-size", type=int, default=32)
   ap.add_argument("--num-classes", type=int, default=10)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--steps", type=int, default=20,
+                  help="timed steps per method (0: XLA FLOPs only, no timing)")
   ap.add_argument("--only", default="", help="comma-separated subset of method names")
   args = ap.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
 
-  model, default_point = _model(args.model, args.num_classes, dtype)
+  model, default_point = _model(args.model, args.num_classes, dtype, args.width)
   point = args.point or default_point
   split_ok = all(callable(getattr(model, m, None)) for m in ("encode", "head"))
   x = jax.random.normal(jax.random.key(0), (args.batch, args.image_size, args.image_size, 3), dtype)
@@ -179,7 +187,10 @@ def main(argv=None):
     steps.append(make_step(applies[which], obj, tx))
   step_args = (params, model_state, opt_state, x, y, jax.random.key(3))
   flops = [_flops(step, step_args) for step in steps]
-  times = _time_interleaved(steps, step_args, args.steps)
+  if args.steps > 0:
+    times = _time_interleaved(steps, step_args, args.steps)
+  else:
+    times = [np.full(1, np.nan) for _ in steps]
   med = [float(np.median(t)) for t in times]
   low = [float(np.min(t)) for t in times]
   print(f"device: {jax.devices()[0].device_kind}  model: {args.model}  batch: {args.batch}  "

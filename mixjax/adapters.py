@@ -10,7 +10,8 @@ None. The new model state holds the updated mutable collections ({} when
 there are none or `train=False`).
 
 Adapters here:
-- `make_apply(module)`: a linen module called as `module(x, train=...)`;
+- `make_apply(module)`: a linen module called as `module(x, train=...)` (a
+  `LinenApply`, which also runs the model split at any hidden point);
 - `make_apply_fn(fn)`: a plain `fn(params, x) -> outputs` (input mixing only);
 - `make_nnx_apply(model)`: a `flax.nnx` model, returning `(apply, variables)`;
 - `SplitApply` / `make_split_apply` / `split_apply_fn`: a model split into
@@ -18,7 +19,8 @@ Adapters here:
   point (AMP's lambda passes) re-run the head only;
 - `mixed_rows_only(...)`: routes the batch-norm and dropout layers of a pass
   over [mixed rows; clean rows] (MixupE's concatenated pass), for linen models
-  and NNX models run by `make_nnx_apply`.
+  and NNX models run by `make_nnx_apply`; `recording_batch_norm` and
+  `clean_rows_only` run the same pass as two, one per block of rows.
 
 No adapter keeps module-level state: NNX call hooks live in a `ContextVar`.
 """
@@ -78,23 +80,91 @@ def _linen_call(module: nn.Module, variables: PyTree, x: Any, key: Optional[jax.
   return module.apply(variables, x, rngs=rngs, **kwargs), {}
 
 
-def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
-               train_arg: Optional[str] = "train") -> ApplyFn:
-  """An `ApplyFn` for a linen module called as `module(x, train=train)`.
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinenApply:
+  """The `ApplyFn` of a linen module called as `module(x, train=train)` (`make_apply`).
 
-  Collections in `mutable` that are present in `variables` are updated when
-  `train` and returned as the new model state ({} otherwise). `key` seeds the
-  'dropout' stream. `train_arg=None` for modules without a train flag. Hidden
-  mixing points are submodule paths (`hidden.mix_at`).
+  Also runs the model split at any hidden mixing point, the module unchanged
+  (`run_encoder` / `run_head`, through `hidden.capture_below` /
+  `hidden.inject_at`), so that passes which re-mix at that point (AMP's
+  lambda passes) run only the layers above it, as with a `SplitApply`.
   """
-  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
+  module: nn.Module
+  train: bool = True
+  mutable: tuple[str, ...] = ("batch_stats",)
+  train_arg: Optional[str] = "train"
+
+  def __call__(self, variables: PyTree, inputs: PyTree, *, key: Optional[jax.Array] = None,
+               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
     if mix is not None and mix.point is None:
       inputs = mix.mix(inputs)
     ctx = (hidden.mix_at(mix.point, mix.lam, mix.perm, mesh=mix.mesh, axis_name=mix.axis_name)
            if mix is not None and mix.point is not None else contextlib.nullcontext())
     with ctx:
-      return _linen_call(module, variables, inputs, key, train, mutable, train_arg)
-  return apply
+      return self._call(variables, inputs, key)
+
+  def _call(self, variables, inputs, key):
+    return _linen_call(self.module, variables, inputs, key, self.train, self.mutable,
+                       self.train_arg)
+
+  def encodes_at(self, point: Optional[str]) -> bool:
+    """Whether `run_encoder` can stop at `point` (any submodule path)."""
+    return point is not None
+
+  def run_encoder(self, variables: PyTree, inputs: PyTree, key: Optional[jax.Array],
+                  point: Optional[str] = None) -> Optional[Encoded]:
+    """The layers below the submodule at `point`: `Encoded`, or None if it is called more than once.
+
+    One pass of the whole model (XLA drops the layers above `point`, whose
+    results are unused). `h` is the submodule's output, `state` the mutable
+    collections with the updates of the layers below `point` only.
+    """
+    with hidden.capture_below(point) as cap:
+      self._call(variables, inputs, key)
+    if cap.calls == 0:
+      raise ValueError(f"No submodule at path {point!r} was called; mixing points of this "
+                       f"model: {hidden.module_paths(self.module, variables, inputs)}.")
+    if cap.calls > 1:  # The later calls see the mixed first one: no split there.
+      return None
+    cols = [c for c in self.mutable if c in variables] if self.train else []
+    state = {c: variables[c] for c in cols}
+    for path, module_vars in cap.variables:
+      for c in cols:
+        if c in module_vars:
+          state[c] = _set_at(state[c], path, module_vars[c])
+    return Encoded(cap.h, {**variables, **state}, state, tuple(cap.below), inputs)
+
+  def run_head(self, encoded: Encoded, key: Optional[jax.Array],
+               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
+    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all)."""
+    if mix is None or mix.point is None:
+      raise ValueError("LinenApply.run_head needs the MixSpec of the hidden point the encoder "
+                       "stopped at.")
+    with hidden.inject_at(mix.point, mix.mix(encoded.h), encoded.below):
+      return self._call(encoded.head_variables, encoded.inputs, key)
+
+
+def _set_at(tree: PyTree, path: tuple[str, ...], value: PyTree) -> PyTree:
+  """A copy of the nested dict `tree` with `value` at `path`."""
+  if not path:
+    return value
+  tree = dict(tree)
+  tree[path[0]] = _set_at(tree.get(path[0], {}), path[1:], value)
+  return tree
+
+
+def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
+               train_arg: Optional[str] = "train") -> LinenApply:
+  """An `ApplyFn` for a linen module called as `module(x, train=train)`.
+
+  Collections in `mutable` that are present in `variables` are updated when
+  `train` and returned as the new model state ({} otherwise). `key` seeds the
+  'dropout' stream. `train_arg=None` for modules without a train flag. Hidden
+  mixing points are submodule paths (`hidden.mix_at`); the returned
+  `LinenApply` also runs the model split at them (AMP's lambda passes then
+  re-run only the layers above the point).
+  """
+  return LinenApply(module, train, tuple(mutable), train_arg)
 
 
 def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:
@@ -176,10 +246,17 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
 
 
 class Encoded(NamedTuple):
-  """The encoder's output: h (f[B, ...] pytree), variables for the head, encoder's new state."""
+  """The encoder's output: h (f[B, ...] pytree), variables for the head, encoder's new state.
+
+  below, inputs: for a `LinenApply` (a linen model split by interception), the
+  outputs of the calls below the point and the model's inputs, which its head
+  pass replays (`hidden.inject_at`); unused by a `SplitApply`.
+  """
   h: PyTree
   head_variables: PyTree
   state: PyTree
+  below: tuple = ()
+  inputs: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +280,18 @@ class SplitApply:
   head: Callable[..., tuple[Any, PyTree]]
   point: str = "encoder"
 
-  def run_encoder(self, variables: PyTree, inputs: PyTree, key: Optional[jax.Array]) -> Encoded:
-    """The encoder pass: `Encoded(h, variables for the head, encoder's new state)`."""
+  def encodes_at(self, point: Optional[str]) -> bool:
+    """Whether `run_encoder` stops at `point` (this split's point)."""
+    return point is not None and point == self.point
+
+  def run_encoder(self, variables: PyTree, inputs: PyTree, key: Optional[jax.Array],
+                  point: Optional[str] = None) -> Encoded:
+    """The encoder pass: `Encoded(h, variables for the head, encoder's new state)`.
+
+    `point` (optional) must be this split's.
+    """
+    if point not in (None, self.point):
+      raise ValueError(f"This SplitApply's encoder stops at {self.point!r}, not {point!r}.")
     h, state = self.encode(variables, inputs, key=key)
     return Encoded(h, {**variables, **state}, dict(state))
 
@@ -331,11 +418,12 @@ def mixed_rows_only(layout: RowLayout, batch_stats: str, clean_key: jax.Array) -
   `clean_key`.
   """
   total = layout.total
-  calls = [0]
+  dropout = _clean_dropout(clean_key)
 
-  def rows(kind, next_fun, args, kwargs, rng_kwarg):
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
+    del module
     x = args[0] if args else None
-    if not hasattr(x, "shape") or not x.shape or x.shape[0] != total:
+    if not _has_rows(x, total):
       return next_fun(*args, **kwargs)
     if kind == "batch_norm" and batch_stats == "mixed":
       mask = layout.mixed_rows().reshape((total,) + (1,) * (x.ndim - 1))
@@ -345,18 +433,140 @@ def mixed_rows_only(layout: RowLayout, batch_stats: str, clean_key: jax.Array) -
     if kind == "dropout":
       a, b = layout.split(x)
       out_a = next_fun(a, *args[1:], **kwargs)
-      calls[0] += 1
-      out_b = next_fun(b, *args[1:], **{**kwargs,
-                                        rng_kwarg: jax.random.fold_in(clean_key, calls[0])})
+      out_b = dropout(next_fun, (b,) + tuple(args[1:]), kwargs, rng_kwarg)
       return interleave(out_a, out_b, layout.groups)
     return next_fun(*args, **kwargs)
 
+  with _routed(rows):
+    yield
+
+
+@contextlib.contextmanager
+def recording_batch_norm(batch: int) -> Iterator[list[tuple[jax.Array, Any]]]:
+  """Records `(input, mask)` of every BatchNorm call on `batch` rows, in call order.
+
+  The layers run unchanged (linen and `make_nnx_apply` NNX models, as
+  `mixed_rows_only`). With `clean_rows_only` it splits a pass over
+  [mixed; clean] rows with batch_stats='mixed' into a pass over the mixed
+  rows and one over the clean rows (MixupE's exact term: the JVP then runs
+  over the clean rows only).
+  """
+  recorded: list[tuple[jax.Array, Any]] = []
+
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
+    del rng_kwarg, module
+    x = args[0] if args else None
+    if kind == "batch_norm" and _has_rows(x, batch):
+      recorded.append((x, kwargs.get("mask")))
+    return next_fun(*args, **kwargs)
+
+  with _routed(rows):
+    yield recorded
+
+
+@contextlib.contextmanager
+def clean_rows_only(layout: RowLayout, recorded: list[tuple[jax.Array, Any]],
+                    clean_key: jax.Array) -> Iterator[None]:
+  """A pass over the clean rows alone as `mixed_rows_only(layout, 'mixed', clean_key)` runs them.
+
+  The i-th BatchNorm call on the `layout.groups * layout.m` clean rows
+  normalises them with the statistics of the i-th recorded mixed-row input
+  (`recording_batch_norm`; the pass's running-statistics update is the mixed
+  rows' and is meant to be discarded); Dropout draws the clean rows' masks of
+  `mixed_rows_only`. So the clean outputs, and their derivatives with respect
+  to the parameters, the clean rows and the recorded inputs, are those of the
+  clean rows of the concatenated pass. A linen BatchNorm normalises the clean
+  rows alone (`_linen_norm_with_stats_of`); an NNX one runs over [recorded;
+  clean] rows with a mask, so it also normalises the mixed rows again (the
+  convolutions and dense layers between them see the clean rows only). Raises
+  ValueError on exit if the number of BatchNorm calls differs from the
+  recording's.
+  """
+  clean = layout.groups * layout.m
+  dropout = _clean_dropout(clean_key)
+  used, inside = [0], [False]
+
+  def rows(kind, next_fun, args, kwargs, rng_kwarg, module):
+    x = args[0] if args else None
+    if inside[0] or not _has_rows(x, clean):  # inside: `_linen_norm_with_stats_of`'s own calls.
+      return next_fun(*args, **kwargs)
+    if kind == "batch_norm":
+      if used[0] >= len(recorded):
+        raise ValueError(f"the clean pass made more batch-norm calls than the "
+                         f"{len(recorded)} recorded in the mixed pass.")
+      x_m, mask_m = recorded[used[0]]
+      used[0] += 1
+      if isinstance(module, nn.BatchNorm):
+        call_ra = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+        if module.use_running_average if call_ra is None else call_ra:
+          return next_fun(*args, **kwargs)  # Running averages: no batch statistics.
+        inside[0] = True
+        try:
+          return _linen_norm_with_stats_of(module, x, x_m, mask_m)
+        finally:
+          inside[0] = False
+      if mask_m is None:
+        mask = layout.mixed_rows().reshape((layout.total,) + (1,) * (x.ndim - 1))
+      else:
+        mask = interleave(jnp.broadcast_to(mask_m, x_m.shape).astype(bool),
+                          jnp.zeros(x.shape, bool), layout.groups)
+      out = next_fun(interleave(x_m, x, layout.groups), *args[1:], **{**kwargs, "mask": mask})
+      return layout.split(out)[1]
+    if kind == "dropout":
+      return dropout(next_fun, args, kwargs, rng_kwarg)
+    return next_fun(*args, **kwargs)
+
+  with _routed(rows):
+    yield
+  if used[0] != len(recorded):
+    raise ValueError(f"the clean pass made {used[0]} batch-norm calls, the mixed pass "
+                     f"{len(recorded)}: the model's layers must not depend on the batch size.")
+
+
+def _linen_norm_with_stats_of(module: nn.BatchNorm, x: jax.Array, x_m: jax.Array,
+                              mask_m: Any) -> jax.Array:
+  """`module(x)` normalised with the batch statistics of `x_m` (masked by `mask_m`).
+
+  Two standalone applies of copies of the linen BatchNorm on its variables:
+  with momentum 0 its running-statistics update is exactly the statistics of
+  `x_m`, which the second normalises `x` with. So the rows of `x` cost only
+  their own normalisation (a JVP carries no tangents through `x_m`'s rows).
+  """
+  variables = dict(module.variables)
+  stats_of = module.clone(parent=None, momentum=0.0, use_running_average=False)
+  _, new = stats_of.apply(variables, x_m, mask=mask_m, mutable=["batch_stats"])
+  normalise = module.clone(parent=None, use_running_average=True)
+  return normalise.apply({**variables, "batch_stats": new["batch_stats"]}, x)
+
+
+def _has_rows(x: Any, rows: int) -> bool:
+  return hasattr(x, "shape") and bool(x.shape) and x.shape[0] == rows
+
+
+def _clean_dropout(clean_key: jax.Array) -> Callable[..., Any]:
+  """Dropout on clean rows: the n-th call draws with `fold_in(clean_key, n)` (n from 1)."""
+  calls = [0]
+
+  def run(next_fun, args, kwargs, rng_kwarg):
+    calls[0] += 1
+    return next_fun(*args, **{**kwargs, rng_kwarg: jax.random.fold_in(clean_key, calls[0])})
+  return run
+
+
+@contextlib.contextmanager
+def _routed(rows: Callable[..., Any]) -> Iterator[None]:
+  """Sends linen and NNX BatchNorm/Dropout calls through `rows`.
+
+  `rows(kind, next_fun, args, kwargs, rng_kwarg, module)`: kind 'batch_norm',
+  'dropout' or None, the call, the name of the rng keyword ('rng' in linen,
+  'rngs' in NNX) and the layer.
+  """
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
             "dropout" if isinstance(context.module, nn.Dropout) else None)
-    return rows(kind, next_fun, args, kwargs, "rng")
+    return rows(kind, next_fun, args, kwargs, "rng", context.module)
 
   with nn.intercept_methods(interceptor), nnx_call_hook(lambda model: _nnx_rows(model, rows)):
     yield
@@ -369,7 +579,7 @@ class _Routed:
     self.inner, self.kind, self.rows = inner, kind, rows
 
   def __call__(self, *args, **kwargs):
-    return self.rows(self.kind, self.inner, args, kwargs, "rngs")
+    return self.rows(self.kind, self.inner, args, kwargs, "rngs", self.inner)
 
 
 @contextlib.contextmanager

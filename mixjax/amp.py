@@ -29,15 +29,18 @@ norm in training mode the final pass normalises with the statistics of the
 selected batch (which differ from those of the `lam` and `lam'` batches by
 O(eps / B)).
 
-Mixing at a hidden layer. With `adapters.make_apply` (linen interception),
-every pass runs the whole model: the layers below the mixing point run three
-times in the program (forward only in the two extra passes; XLA may merge the
-identical computations, see benchmarks/methods_overhead.py). For a model
-split into `encode(x) -> h` and `head(h) -> outputs` (an
-`adapters.SplitApply`, e.g. from `adapters.make_split_apply`) and
-`base.point == apply.point`, the encoder runs
-once and only the head is re-run by the lambda passes ("Sent" mixing at the
-last hidden state in the AMP paper).
+Mixing at a hidden layer. The layers below the mixing point run once and
+only the layers above it are re-run by the lambda passes ("Sent" mixing at
+the last hidden state in the AMP paper), for a model split into
+`encode(x) -> h` and `head(h) -> outputs` (an `adapters.SplitApply`, e.g.
+from `adapters.make_split_apply`, with `base.point == apply.point`) and for
+an unmodified linen model (`adapters.make_apply`): there one pass records
+the point's output `h` and what the layers below it computed
+(`hidden.capture_below`), and every later pass starts at the point
+(`hidden.inject_at`). Their batch-norm updates are those of the final pass
+(the layers below the point from the recording pass, which computes the same
+statistics). A point whose submodule is called more than once, other
+`ApplyFn`s and NNX models run the whole model in every pass.
 
 Modes (the paper's ablation rows): 'rand' (= the base, mixup), 'max' (always
 `lam'`, no comparison pass), 'full' (AMP). Where `lam' == lam` (eps = 0, or
@@ -211,9 +214,13 @@ class Amp(objectives.Wrapper):
     return state
 
   def fast_path(self, apply: adapters.ApplyFn) -> bool:
-    """Whether the encoder runs once (a `SplitApply` mixed at its split point)."""
-    return (isinstance(apply, adapters.SplitApply) and self.point is not None
-            and self.point == apply.point)
+    """Whether the layers below the mixing point run once.
+
+    They do for a `SplitApply` mixed at its split point and for a linen model
+    (`adapters.make_apply`) mixed at any hidden point.
+    """
+    encodes_at = getattr(apply, "encodes_at", None)
+    return encodes_at is not None and encodes_at(self.point)
 
   def lambda_loss(self, apply: adapters.ApplyFn, variables: PyTree, inputs: PyTree,
                   prepared: objectives.Prepared) -> Callable[[jax.Array], jax.Array]:
@@ -239,7 +246,8 @@ class Amp(objectives.Wrapper):
     lam = jnp.broadcast_to(jnp.asarray(prepared.draw.coeffs.lam_x, jnp.float32), (batch,))
     prepared = objectives.with_lam_x(prepared, lam)
     if self.fast_path(apply) and prepared.encoded is None:
-      prepared = prepared._replace(encoded=apply.run_encoder(variables, inputs, prepared.key))
+      prepared = prepared._replace(encoded=apply.run_encoder(variables, inputs, prepared.key,
+                                                             self.point))
 
     loss_fn = self.lambda_loss(apply, variables, inputs, prepared)
     grad, loss = lam_grad(loss_fn, lam)
@@ -274,7 +282,8 @@ class Amp(objectives.Wrapper):
     lam_y = jnp.broadcast_to(jnp.asarray(coeffs.lam_y, jnp.float32), (batch,))
     prepared = _with_coeffs(prepared, lam, lam_y)
     if self.fast_path(apply) and prepared.encoded is None:
-      prepared = prepared._replace(encoded=apply.run_encoder(variables, inputs, prepared.key))
+      prepared = prepared._replace(encoded=apply.run_encoder(variables, inputs, prepared.key,
+                                                             self.point))
 
     loss_fn = self.lambda_loss(apply, variables, inputs, prepared)
     grad, loss = lam_grad(loss_fn, lam)

@@ -6,6 +6,9 @@ a wrapper for the duration of the block. Neither needs the model's code changed:
 
   with mix_at("layer2", lam, perm):
     logits = model.apply(variables, x)
+
+`capture_below` and `inject_at` split a linen pass at a submodule: one pass
+records what the layers below it compute, later passes start at it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,98 @@ def mix_at(path: Path, lam: Any, perm: jax.Array, *, mesh: Optional[Mesh] = None
     called = sorted({s for s in seen if s})
     raise ValueError(f"No submodule at path {'/'.join(target)!r} was called; "
                      f"mixing points of this model: {called}.")
+
+
+def _role(here: tuple[str, ...], method: str, target: tuple[str, ...]) -> str:
+  """A call's role before the point ran: 'run' (an ancestor's or `setup`), 'point' or 'below'."""
+  if method == "setup" or (len(here) < len(target) and target[:len(here)] == here):
+    return "run"
+  return "point" if here == target and method == "__call__" else "below"
+
+
+class Capture:
+  """What a linen pass computes below the submodule at a path (`capture_below`).
+
+  h: the submodule's output (its one `__call__`), None if it was not reached.
+  below: outputs of the calls made before it by modules that are not its
+    ancestors (top-level ones: not those nested in another recorded call), in order.
+  variables: `(module path, the module's variables right after its call)` for
+    those calls and the point's, in order.
+  calls: how many times the submodule's `__call__` ran.
+  """
+
+  def __init__(self):
+    self.h: Any = None
+    self.below: list[Any] = []
+    self.variables: list[tuple[tuple[str, ...], Any]] = []
+    self.calls = 0
+
+
+@contextlib.contextmanager
+def capture_below(path: Path) -> Iterator[Capture]:
+  """Within the block, records what a linen pass computes below the submodule at `path`.
+
+  The pass runs unchanged. Yields a `Capture`, filled as the pass runs. With
+  `inject_at` it lets a second pass start at `path`: the layers below it do
+  not run again.
+  """
+  target = normalize_path(path)
+  cap = Capture()
+  depth, done = [0], [False]
+
+  def interceptor(next_fun, args, kwargs, context):
+    role = _role(tuple(context.module.path), context.method_name, target)
+    cap.calls += role == "point"
+    if done[0] or depth[0] or role == "run":
+      return next_fun(*args, **kwargs)
+    depth[0] += 1
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      depth[0] -= 1
+    if role == "point":
+      cap.h, done[0] = out, True
+    else:
+      cap.below.append(out)
+    cap.variables.append((tuple(context.module.path), context.module.variables))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    yield cap
+
+
+@contextlib.contextmanager
+def inject_at(path: Path, h: Any, below: Sequence[Any]) -> Iterator[None]:
+  """Within the block, a linen pass starts at the submodule at `path`: it outputs `h`.
+
+  The submodule does not run, and the calls before it by modules that are
+  not its ancestors return `below` (in order, from `capture_below`) without
+  running, so the layers below `path` compute nothing (what the ancestors
+  compute between those calls runs; XLA removes it where unused). Raises
+  `ValueError` on exit if the pass's calls do not match the capture's.
+  """
+  target = normalize_path(path)
+  replayed = [0]
+  hit = [False]
+
+  def interceptor(next_fun, args, kwargs, context):
+    role = _role(tuple(context.module.path), context.method_name, target)
+    if hit[0] or role == "run":
+      return next_fun(*args, **kwargs)
+    if role == "point":
+      hit[0] = True
+      return h
+    if replayed[0] >= len(below):
+      raise ValueError(f"the pass made more calls below {'/'.join(target)!r} than the "
+                       f"{len(below)} captured.")
+    replayed[0] += 1
+    return below[replayed[0] - 1]
+
+  with nn.intercept_methods(interceptor):
+    yield
+  if not hit[0] or replayed[0] != len(below):
+    raise ValueError(f"the pass made {replayed[0]} calls below {'/'.join(target)!r} (the capture "
+                     f"{len(below)}) and {'reached' if hit[0] else 'did not reach'} it.")
 
 
 def module_paths(module: nn.Module, variables: Any, *args, **kwargs) -> list[str]:

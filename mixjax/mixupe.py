@@ -43,6 +43,12 @@ The clean pass:
   This holds for linen models (through `flax.linen.intercept_methods`) and for
   NNX models run by `adapters.make_nnx_apply` (`adapters.mixed_rows_only`); for other models with batch
   norm or dropout (e.g. a hand-written `apply_fn`) use clean_pass='separate'.
+  With `exact=True` and batch_stats='mixed' no mixed output depends on the
+  clean rows, so the concatenated pass runs as the mixed pass, recording each
+  batch norm's input, then the clean rows alone with the JVP, each batch norm
+  normalising them with the recorded mixed rows' statistics
+  (`adapters.recording_batch_norm`, `adapters.clean_rows_only`): the same
+  numbers and gradient, without carrying zero tangents through the mixed rows.
 - clean_pass='separate': the mixed pass as the base runs it, then a clean
   pass in training mode (its own batch statistics, the final pass's dropout
   key, new batch statistics discarded). batch_stats must stay 'mixed' (the
@@ -89,7 +95,8 @@ base's targets (label-smoothed if the base smooths).
 
 Cost (benchmarks/methods_overhead.py): R needs the backward pass through the
 clean rows too, so MixupE has about twice mixup's FLOPs with rho = 1 (the
-paper's 1.3x comes from batching on accelerators); rho = 0.25 cuts the extra
+paper's 1.3x comes from batching on accelerators), and the exact term's JVP
+(forward and backward) about one more: 3x ERM; rho = 0.25 cuts the extra
 rows to B/4. On CPU one pass over 2B rows can cost more than two over B.
 """
 
@@ -199,6 +206,7 @@ def update_running_mean(state: PyTree, inputs: PyTree) -> PyTree:
 
 
 SUBSET_SALT = 0x6D78  # The clean subset is drawn with key fold_in(step key, SUBSET_SALT).
+CLEAN_DROPOUT_SALT = 0x636C  # Clean rows' dropout: fold_in(final pass key, this salt).
 
 
 def clean_subset(key: jax.Array, batch: int, groups: int, rho: float) -> Optional[jax.Array]:
@@ -377,6 +385,9 @@ class MixupE(objectives.Wrapper):
         out_dot = None
       else:
         out_c, out_dot, _ = jax.jvp(run, (clean,), (tangent,), has_aux=True)
+    elif tangent is not None and self.batch_stats == "mixed":
+      per_example, out_c, out_dot, state = self._clean_jvp_pass(
+          apply, model_vars, inputs, clean, tangent, prepared, groups)
     else:
       per_example, out_c, out_dot, state = self._concat_pass(
           apply, model_vars, inputs, clean, idx, tangent, prepared, groups)
@@ -410,11 +421,12 @@ class MixupE(objectives.Wrapper):
     batch = checks.batch_size("inputs", inputs)
     k = checks.batch_size("clean inputs", clean)
     layout = adapters.RowLayout.of(batch, k, groups)
-    clean_key = jax.random.fold_in(prepared.key, 0x636C)
+    clean_key = jax.random.fold_in(prepared.key, CLEAN_DROPOUT_SALT)
     ctx = lambda: adapters.mixed_rows_only(layout, self.batch_stats, clean_key)  # noqa: E731
     spec = base.mix_spec(draw) if base.mixes else None
 
-    if prepared.encoded is not None and tangent is None:
+    if (prepared.encoded is not None and tangent is None
+        and isinstance(apply, adapters.SplitApply)):
       # AMP on a split model: the encoder ran once; concatenate at the split point.
       enc = prepared.encoded
       h_mixed = enc.h if spec is None else spec.mix(enc.h)
@@ -444,6 +456,34 @@ class MixupE(objectives.Wrapper):
         out, out_dot_all, state = jax.jvp(run, (clean,), (tangent,), has_aux=True)
         out_m, out_c = layout.split(out)
         out_dot = layout.split(out_dot_all)[1]
+    return base.per_example(out_m, draw), out_c, out_dot, state
+
+
+  def _clean_jvp_pass(self, apply, variables, inputs, clean, tangent, prepared, groups):
+    """The concatenated pass with batch_stats='mixed', as a mixed pass and a clean pass.
+
+    With batch_stats='mixed' no mixed output depends on the clean rows, so the
+    concatenated pass's JVP carries exact zeros through the mixed rows. Here
+    the mixed rows run alone (the base's final pass, recording each
+    batch-norm input) and the JVP runs over the clean rows only, each batch
+    norm normalising them with the recorded mixed rows' statistics
+    (`adapters.clean_rows_only`): the same outputs, JVP and parameter
+    gradient, without the tangents of the mixed rows.
+    """
+    base = self.base
+    draw = prepared.draw
+    batch = checks.batch_size("inputs", inputs)
+    layout = adapters.RowLayout.of(batch, checks.batch_size("clean inputs", clean), groups)
+    spec = base.mix_spec(draw) if base.mixes else None
+    with adapters.recording_batch_norm(batch) as recorded:
+      out_m, state = apply(variables, inputs, key=prepared.key, mix=spec)
+    clean_key = jax.random.fold_in(prepared.key, CLEAN_DROPOUT_SALT)
+
+    def run(xc):
+      with adapters.clean_rows_only(layout, recorded, clean_key):
+        return apply(variables, xc, key=prepared.key)
+
+    out_c, out_dot, _ = jax.jvp(run, (clean,), (tangent,), has_aux=True)
     return base.per_example(out_m, draw), out_c, out_dot, state
 
 

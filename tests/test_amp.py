@@ -326,3 +326,114 @@ def test_nnx_model():
   np.testing.assert_allclose(both[2]["loss_mix"], moved[0], rtol=1e-6)
   chex.assert_trees_all_close(both[1], moved[1], rtol=1e-6)
   assert float(both[2]["mixupe_r"]) > 0
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, name=name)  # noqa: E731
+    y = nn.relu(norm("bn1")(nn.Conv(4, (3, 3), name="conv1")(x)))
+    return nn.relu(x + norm("bn2")(nn.Conv(4, (3, 3), name="conv2")(y)))
+
+
+class ResCNN(nn.Module):
+  """A small residual CNN (batch norm, dropout), unmodified: mixing point 'block1' mid-way."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+    x = _Block(name="block0")(x, train)
+    x = _Block(name="block1")(x, train)
+    x = nn.Dropout(0.3, deterministic=not train)(x)
+    x = _Block(name="block2")(x, train)
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+def _whole_model_passes(apply):
+  """`apply` as a plain ApplyFn: every AMP pass runs the whole model (the former path)."""
+  return lambda v, x, *, key=None, mix=None: apply(v, x, key=key, mix=mix)
+
+
+def test_intercepted_hidden_point_lambda_gradient():
+  """d L / d lam through the layers above the point only: the whole-model passes' and FD's."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(6, 6, 6, 2)))
+    y = jnp.arange(6) % 3
+    v = _f64(ResCNN().init(jax.random.key(0), jnp.asarray(x, jnp.float32)))
+    apply = adapters.make_apply(ResCNN(), train=True)
+    base = objectives.mixup(policies.untied_mixup(0.7, 1.3), num_classes=3, point="block1",
+                            loss_fn=_xent64)
+    draw = base.draw(jax.random.key(1), x, y)
+    lam = jnp.asarray(draw.coeffs.lam_x, jnp.float64)
+    key = jax.random.key(2)
+    obj = amp.amp(base)
+    prepared = objectives.Prepared(draw, key, None, {})
+    encoded = apply.run_encoder(v, x, key, "block1")
+    fast = obj.lambda_loss(apply, v, x, prepared._replace(encoded=encoded))
+    whole = obj.lambda_loss(_whole_model_passes(apply), v, x, prepared)
+    grad, values = jax.jit(lambda l: amp.lam_grad(fast, l))(lam)
+    grad_ref, values_ref = jax.jit(lambda l: amp.lam_grad(whole, l))(lam)
+    np.testing.assert_allclose(values, values_ref, rtol=1e-10)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-9, atol=1e-12)
+    total = jax.jit(lambda l: jnp.sum(whole(l)))
+    h = 1e-6
+    fd = np.array([(total(lam.at[i].add(h)) - total(lam.at[i].add(-h))) / (2 * h)
+                   for i in range(6)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+    assert np.abs(fd).max() > 1e-2
+
+
+def test_intercepted_hidden_point_equals_whole_model_passes():
+  """Loss, parameter gradient, batch statistics and metrics; fewer FLOPs."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  apply = adapters.make_apply(ResCNN(), train=True)
+  obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1"), eps=0.5)
+  v = ResCNN().init(jax.random.key(0), x)
+
+  def compiled(a):
+    f = jax.value_and_grad(lambda p: obj(a, {**v, "params": p}, x, y, jax.random.key(3)),
+                           has_aux=True)
+    return jax.jit(f).lower(v["params"]).compile()
+
+  fast, slow = compiled(apply), compiled(_whole_model_passes(apply))
+  (loss, (state, metrics)), grads = fast(v["params"])
+  (loss_ref, (state_ref, metrics_ref)), grads_ref = slow(v["params"])
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  chex.assert_trees_all_close(state, state_ref, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(metrics, metrics_ref, rtol=1e-5, atol=1e-7)
+  assert 0 < float(metrics["amp_mask_frac"]) < 1
+  # Every statistic moved once: the final pass's, below the point too.
+  mixup = objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1")
+  mixed = jax.jit(lambda vs: mixup(apply, vs, x, y, jax.random.key(3))[1][0])(v)
+  stem = lambda s: s["batch_stats"]["stem_bn"]["mean"]  # noqa: E731
+  assert not np.allclose(stem(state), stem(v))
+  np.testing.assert_allclose(stem(state), stem(mixed), rtol=1e-5)
+  assert fast.cost_analysis()["flops"] < 0.95 * slow.cost_analysis()["flops"]
+
+
+class _Twice(nn.Module):
+  """One submodule called twice: the second call sees the mixed first one, so no split."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    shared = nn.Dense(4, name="shared")
+    return nn.Dense(3)(shared(jnp.tanh(shared(x))))
+
+
+def test_intercepted_point_called_twice_runs_whole_model():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+  y = jnp.arange(8) % 3
+  v = _Twice().init(jax.random.key(0), x)
+  apply = adapters.make_apply(_Twice(), train=True)
+  assert apply.run_encoder(v, x, None, "shared") is None
+  obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="shared"), eps=0.5)
+  got = obj(apply, v, x, y, jax.random.key(1))
+  ref = obj(_whole_model_passes(apply), v, x, y, jax.random.key(1))
+  chex.assert_trees_all_close(got, ref, rtol=1e-6)
+  with pytest.raises(ValueError, match="No submodule at path 'nowhere'"):
+    apply.run_encoder(v, x, None, "nowhere")

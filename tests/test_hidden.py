@@ -111,3 +111,28 @@ def test_nnx_mix_at_equals_manual_and_restores():
   with pytest.raises(ValueError, match="no submodule 'nope'"):
     with hidden.nnx_mix_at(model, "nope", lam, perm):
       pass
+
+
+def test_capture_below_and_inject_at_start_a_pass_at_the_point():
+  x, v, perm, lam = _setup()
+  with hidden.capture_below("BatchNorm_0") as cap:
+    _, state = CNN().apply(v, x, train=True, mutable=["batch_stats"])
+  assert cap.calls == 1 and len(cap.below) == 1  # Conv_0 is below the point.
+  h_ref = nn.Conv(8, (3, 3)).apply({"params": v["params"]["Conv_0"]}, x)
+  np.testing.assert_allclose(cap.below[0], h_ref, rtol=1e-6)
+  assert [p for p, _ in cap.variables] == [("Conv_0",), ("BatchNorm_0",)]
+  chex.assert_trees_all_close(cap.variables[1][1]["batch_stats"],
+                              state["batch_stats"]["BatchNorm_0"])
+  # Injected at the point, the pass equals mixing there, and the layers below do not run:
+  # the conv's parameters no longer matter.
+  h = mixing.mix_with_partner(cap.h, perm, lam)
+  broken = {**v, "params": {**v["params"], "Conv_0": jax.tree_util.tree_map(
+      lambda a: a + 1.0, v["params"]["Conv_0"])}}
+  with hidden.inject_at("BatchNorm_0", h, cap.below):
+    out, _ = CNN().apply(broken, x, train=True, mutable=["batch_stats"])
+  with hidden.mix_at("BatchNorm_0", lam, perm):
+    ref, _ = CNN().apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out, ref, rtol=1e-6)
+  with pytest.raises(ValueError, match="calls below 'BatchNorm_0'"):
+    with hidden.inject_at("BatchNorm_0", h, []):
+      CNN().apply(v, x)

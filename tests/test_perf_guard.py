@@ -181,3 +181,39 @@ def test_attention_implementation_choice():
     vit.dot_product_attention(q, q, q, implementation="cudnn")
   with pytest.raises(ValueError, match="must be one of"):
     vit.dot_product_attention(q, q, q, implementation="flash")
+
+
+# ------------------------------------------------------------- MixupE's JVP, AMP by interception
+# Measured on the guard CNN (FLOPs over the ERM step): exact MixupE 4.0267 with the JVP over all
+# [mixed; clean] rows, 2.9823 with it over the clean rows only; AMP at the last hidden point of
+# the unmodified model (interception) 1.3299 when every lambda pass re-ran the whole model,
+# 1.0042 with the layers below the point run once.
+EXACT_MIXUPE_FLOOR = 3.02  # The 3.0x: mixed pass, clean pass and its JVP.
+AMP_INTERCEPTED_FLOOR = 1.02  # The split model's floor.
+
+
+@pytest.fixture(scope="module")
+def erm_flops(setup):
+  return _library_cost(setup, objectives.erm(num_classes=NUM_CLASSES),
+                       adapters.make_apply(setup[0]))["flops"]
+
+
+def test_exact_mixupe_flops_within_floor(setup, erm_flops):
+  mix = objectives.mixup(policies.mixup(1.0), num_classes=NUM_CLASSES)
+  exact = mixupe.mixupe(mix, exact=True, mean="batch")
+  ratio = _library_cost(setup, exact, adapters.make_apply(setup[0]))["flops"] / erm_flops
+  print("exact MixupE FLOPs / ERM:", ratio)
+  assert 2.5 < ratio <= EXACT_MIXUPE_FLOOR, (
+      f"exact MixupE costs {ratio:.4f}x ERM's FLOPs (floor {EXACT_MIXUPE_FLOOR}): is the JVP "
+      f"carrying tangents through the mixed rows again?")
+
+
+def test_amp_at_intercepted_hidden_point_flops_within_floor(setup, erm_flops):
+  # The output of the last batch norm: above it only ReLU, pooling and the classifier.
+  at_hidden = objectives.mixup(policies.mixup(1.0), num_classes=NUM_CLASSES, point="norms_3")
+  ratio = _library_cost(setup, amp.amp(at_hidden),
+                        adapters.make_apply(setup[0]))["flops"] / erm_flops
+  print("AMP at an intercepted hidden point, FLOPs / ERM:", ratio)
+  assert ratio <= AMP_INTERCEPTED_FLOOR, (
+      f"AMP at a hidden point of an unmodified linen model costs {ratio:.4f}x ERM's FLOPs "
+      f"(floor {AMP_INTERCEPTED_FLOOR}): do the lambda passes re-run the layers below the point?")
