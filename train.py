@@ -58,14 +58,6 @@ from mixjax import train_step as ts
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 
 
-def _f32_outputs(apply: adapters.ApplyFn) -> adapters.ApplyFn:
-  """Casts model outputs to float32 (bf16 compute; losses and metrics in f32)."""
-  def wrapped(variables, inputs, **kwargs):
-    out, state = apply(variables, inputs, **kwargs)
-    return jax.tree_util.tree_map(lambda o: o.astype(jnp.float32), out), state
-  return wrapped
-
-
 def create_train_state(config: ml_collections.ConfigDict, module: Any,
                        objective: objectives_lib.Objective, tx: optax.GradientTransformation,
                        mesh: Mesh) -> tuple[ts.TrainState, Any]:
@@ -145,8 +137,9 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     module = model if model is not None else from_config.model(config)
     objective = from_config.objective(config, method, mesh)
     erm = from_config.objective(config, "erm", mesh)
-    apply_train = _f32_outputs(adapters.make_apply(module, train=True))
-    apply_eval = _f32_outputs(adapters.make_apply(module, train=False))
+    # bf16 compute, losses and metrics in f32; AMP at a hidden point keeps its split path.
+    apply_train = adapters.make_apply(module, train=True, output_dtype=jnp.float32)
+    apply_eval = adapters.make_apply(module, train=False, output_dtype=jnp.float32)
 
     data = from_config.data(config, mesh, start_step=0)
     stack.callback(lambda: data.train.close())  # The latest `data`.

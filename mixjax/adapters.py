@@ -93,6 +93,7 @@ class LinenApply:
   train: bool = True
   mutable: tuple[str, ...] = ("batch_stats",)
   train_arg: Optional[str] = "train"
+  output_dtype: Optional[Any] = None
 
   def __call__(self, variables: PyTree, inputs: PyTree, *, key: Optional[jax.Array] = None,
                mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
@@ -104,8 +105,11 @@ class LinenApply:
       return self._call(variables, inputs, key)
 
   def _call(self, variables, inputs, key):
-    return _linen_call(self.module, variables, inputs, key, self.train, self.mutable,
-                       self.train_arg)
+    out, state = _linen_call(self.module, variables, inputs, key, self.train, self.mutable,
+                             self.train_arg)
+    if self.output_dtype is not None:
+      out = jax.tree_util.tree_map(lambda o: o.astype(self.output_dtype), out)
+    return out, state
 
   def encodes_at(self, point: Optional[str]) -> bool:
     """Whether `run_encoder` can stop at `point` (any submodule path)."""
@@ -154,7 +158,8 @@ def _set_at(tree: PyTree, path: tuple[str, ...], value: PyTree) -> PyTree:
 
 
 def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] = ("batch_stats",),
-               train_arg: Optional[str] = "train") -> LinenApply:
+               train_arg: Optional[str] = "train", output_dtype: Optional[Any] = None
+               ) -> LinenApply:
   """An `ApplyFn` for a linen module called as `module(x, train=train)`.
 
   Collections in `mutable` that are present in `variables` are updated when
@@ -162,9 +167,11 @@ def make_apply(module: nn.Module, train: bool = True, mutable: tuple[str, ...] =
   'dropout' stream. `train_arg=None` for modules without a train flag. Hidden
   mixing points are submodule paths (`hidden.mix_at`); the returned
   `LinenApply` also runs the model split at them (AMP's lambda passes then
-  re-run only the layers above the point).
+  re-run only the layers above the point). `output_dtype` (e.g. `jnp.float32`
+  for a bf16 model, so that losses and metrics are computed in f32) casts
+  every output leaf.
   """
-  return LinenApply(module, train, tuple(mutable), train_arg)
+  return LinenApply(module, train, tuple(mutable), train_arg, output_dtype)
 
 
 def make_apply_fn(fn: Callable[[PyTree, PyTree], jax.Array]) -> ApplyFn:

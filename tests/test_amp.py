@@ -437,3 +437,28 @@ def test_intercepted_point_called_twice_runs_whole_model():
   chex.assert_trees_all_close(got, ref, rtol=1e-6)
   with pytest.raises(ValueError, match="No submodule at path 'nowhere'"):
     apply.run_encoder(v, x, None, "nowhere")
+
+
+class _Bf16Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.Dense(8, dtype=jnp.bfloat16, name="enc")(x))
+    return nn.Dense(3, dtype=jnp.bfloat16, name="head")(h)
+
+
+def test_output_dtype_casts_every_pass_and_keeps_the_split_path():
+  """train.py's f32 outputs of a bf16 model: AMP at a hidden point still runs the encoder once."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+  y = jnp.arange(8) % 3
+  v = _Bf16Mlp().init(jax.random.key(0), x)
+  plain = adapters.make_apply(_Bf16Mlp(), train=True)
+  apply = adapters.make_apply(_Bf16Mlp(), train=True, output_dtype=jnp.float32)
+  assert plain(v, x)[0].dtype == jnp.bfloat16 and apply(v, x)[0].dtype == jnp.float32
+  np.testing.assert_array_equal(apply(v, x)[0], plain(v, x)[0].astype(jnp.float32))
+  obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="enc"), eps=0.5)
+  assert obj.fast_path(apply)
+  encoded = apply.run_encoder(v, x, None, "enc")
+  spec = adapters.MixSpec("enc", jnp.full((8,), 0.3), jnp.arange(8)[::-1])
+  assert apply.run_head(encoded, None, spec)[0].dtype == jnp.float32
+  loss, (_, metrics) = jax.jit(lambda vs: obj(apply, vs, x, y, jax.random.key(1)))(v)
+  assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
