@@ -149,8 +149,8 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
 
   obj: Any
   if k > 2:
-    obj = objectives.Dirichlet(alpha, int(k), loss_fn, num_classes, label_smoothing, largest_first,
-                               to_logits, mesh, axis_name)
+    obj = objectives.Dirichlet(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name,
+                               alpha=alpha, k=int(k), largest_first=largest_first)
   elif base == "erm":
     obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name)
   else:

@@ -121,11 +121,10 @@ class _Steps:
 
 
 @dataclasses.dataclass(frozen=True)
-class Erm(_Steps):
-  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`.
+class _Unpaired(_Steps):
+  """The fields and loss of the objectives whose draw has no single partner (`Erm`, `Dirichlet`).
 
-  mesh/axis_name: the mesh the batch is sharded over, for wrappers that lay
-  out rows per shard (MixupE's clean pass); ERM itself does not use it.
+  The loss is `loss_fn(outputs, draw.targets_a)` per example.
   """
   loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
   num_classes: Optional[int] = None
@@ -144,6 +143,18 @@ class Erm(_Steps):
     del sample_inputs
     return {}
 
+  def per_example(self, outputs, draw):
+    return self.loss_fn(outputs, draw.targets_a)
+
+
+@dataclasses.dataclass(frozen=True)
+class Erm(_Unpaired):
+  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`.
+
+  mesh/axis_name: the mesh the batch is sharded over, for wrappers that lay
+  out rows per shard (MixupE's clean pass); ERM itself does not use it.
+  """
+
   def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
     """The targets (no mixing); the whole key is the final pass's dropout key."""
     del apply, variables
@@ -153,9 +164,6 @@ class Erm(_Steps):
 
   def forward(self, apply, variables, inputs, prepared):
     return apply(variables, inputs, key=prepared.key)
-
-  def per_example(self, outputs, draw):
-    return self.loss_fn(outputs, draw.targets_a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +233,7 @@ class Mixup(_Steps):
 
 
 @dataclasses.dataclass(frozen=True)
-class Dirichlet(_Steps):
+class Dirichlet(_Unpaired):
   """k-way mixing as an objective: `x~_i = sum_m w[i, m] x[perm_m[i]]`, `w_i ~ Dir(alpha 1_k)`.
 
   The draw is `mixing.draw_dirichlet` (`perm_0` the identity, the others
@@ -238,31 +246,16 @@ class Dirichlet(_Steps):
   draw AMP and MixupE need, so `mixes` is False and neither wraps it. Inputs
   are mixed at the input (no hidden point); partners are drawn over the whole
   batch (not shard-local), so under a mesh the gather may cross devices.
+  alpha, k, largest_first are keyword-only.
   """
-  alpha: float
-  k: int
-  loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
-  num_classes: Optional[int] = None
-  label_smoothing: float = 0.0
-  largest_first: bool = False
-  to_logits: Callable[[jax.Array], jax.Array] = identity
-  mesh: Optional[Mesh] = None
-  axis_name: mixing.AxisName = "data"
-
-  decomposes = True
-  mixes = False
-  policy = None
-  point = None
+  alpha: float = dataclasses.field(kw_only=True)
+  k: int = dataclasses.field(kw_only=True)
+  largest_first: bool = dataclasses.field(default=False, kw_only=True)
 
   def __post_init__(self):
     if int(self.k) != self.k or self.k < 2:
       raise ValueError(f"Dirichlet k must be an integer >= 2, got {self.k!r}.")
     sampling.resolve_beta(self.alpha, None)  # alpha > 0.
-
-  def init(self, sample_inputs: PyTree) -> dict[str, PyTree]:
-    """Extra model-state collections this objective keeps ({}: none)."""
-    del sample_inputs
-    return {}
 
   def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
     """Weights, partners and mixed targets (first half of `key`); the rest is the dropout key."""
@@ -279,9 +272,6 @@ class Dirichlet(_Steps):
   def forward(self, apply, variables, inputs, prepared):
     d = prepared.draw
     return apply(variables, mixing.combine(inputs, d.coeffs.lam_x, d.perm), key=prepared.key)
-
-  def per_example(self, outputs, draw):
-    return self.loss_fn(outputs, draw.targets_a)
 
 
 @dataclasses.dataclass(frozen=True)
