@@ -14,6 +14,7 @@ runs every target on them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional
 
@@ -169,29 +170,16 @@ class Attack(NamedTuple):
     raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
 
 
-_COMPILED: dict[tuple, Callable] = {}
-_MAX_COMPILED = 64  # Compiled functions are cached per apply function (bounded).
+@functools.partial(jax.jit, static_argnames=("apply_fn", "method", "norm", "steps", "clip_min",
+                                             "clip_max"))
+def _run(x, labels, eps, size, *, apply_fn, method, norm, steps, clip_min, clip_max):
+  """One compilation per (model, method, norm, steps, range, shapes); eps and size are inputs.
 
-
-def _cache(key: tuple, make: Callable[[], Callable]) -> Callable:
-  if key not in _COMPILED:
-    if len(_COMPILED) >= _MAX_COMPILED:
-      _COMPILED.clear()
-    _COMPILED[key] = make()
-  return _COMPILED[key]
-
-
-def _compiled(apply_fn: ApplyFn, attack: Attack) -> Callable:
-  """One compilation per (model, method, norm, steps, range); eps and step size are inputs."""
-  key = (apply_fn, attack.method, attack.norm, int(attack.steps), attack.clip_min,
-         attack.clip_max)
-  method, norm, steps, lo, hi = key[1:]
-
-  def run(x, labels, eps, size):
-    if method == "fgsm":
-      return _fgsm(apply_fn, x, labels, eps, norm, lo, hi)
-    return _ifgsm(apply_fn, x, labels, eps, steps, size, norm, lo, hi)
-  return _cache(key, lambda: jax.jit(run))
+  jit's own cache, keyed by the static arguments (`apply_fn` by identity), keeps it.
+  """
+  if method == "fgsm":
+    return _fgsm(apply_fn, x, labels, eps, norm, clip_min, clip_max)
+  return _ifgsm(apply_fn, x, labels, eps, steps, size, norm, clip_min, clip_max)
 
 
 def make_attack(apply_fn: ApplyFn, attack: Attack) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -203,16 +191,19 @@ def make_attack(apply_fn: ApplyFn, attack: Attack) -> Callable[[jax.Array, jax.A
   if attack.method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {attack.method!r}.")
   steps, size = _check_steps(attack.steps, attack.step_size, eps)
-  run = _compiled(apply_fn, attack)
+  static = dict(apply_fn=apply_fn, method=attack.method, norm=attack.norm, steps=steps,
+                clip_min=attack.clip_min, clip_max=attack.clip_max)
 
   def attack_fn(x, labels):
     labels = _check_inputs(x, labels)
-    return run(x, labels, jnp.float32(eps), jnp.float32(size))
+    return _run(x, labels, jnp.float32(eps), jnp.float32(size), **static)
   return attack_fn
 
 
-def _forward(apply_fn: ApplyFn) -> Callable:
-  return _cache(("forward", apply_fn), lambda: jax.jit(apply_fn))
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def _forward(x: jax.Array, *, apply_fn: ApplyFn) -> jax.Array:
+  """`apply_fn(x)`, compiled once per (apply function, input shape) by jit's cache."""
+  return apply_fn(x)
 
 
 def topk_errors(logits: jax.Array, labels: jax.Array,
@@ -259,7 +250,7 @@ def evaluate(source: ApplyFn, targets: Mapping[str, ApplyFn], x: np.ndarray, lab
     raise ValueError(f"x and labels must be non-empty and of equal length, got {len(x)} and "
                      f"{len(labels)}.")
   make = make_attack(source, attack)
-  forward = {name: _forward(fn) for name, fn in targets.items()}
+  forward = {name: functools.partial(_forward, apply_fn=fn) for name, fn in targets.items()}
   sums = {name: np.zeros(3) for name in targets}
   for start in range(0, len(x), batch_size):
     xb, yb = jnp.asarray(x[start:start + batch_size]), jnp.asarray(labels[start:start + batch_size])

@@ -10,19 +10,18 @@ is the MixupE paper's Table 7 row "ERM + additional loss"; 'amp' needs a
 mixing base. 'mixup' with `cutmix_alpha > 0` (or `cutmix_minmax`) is timm's
 mixup/CutMix switching (`policies.CutMix`); it takes no wrapper: AMP's
 lambda-gradient and MixupE's first-order weight need a scalar input
-coefficient, and a CutMix box is a mask. 'mixup' with `k > 2` is k-way Dirichlet mixing (`Dirichlet`), which
-takes no wrapper either (its draw has no single partner). This module sits above `objectives`, `amp` and `mixupe`, which
-never import it.
+coefficient, and a CutMix box is a mask. 'mixup' with `k > 2` is k-way
+Dirichlet mixing (`objectives.Dirichlet`), which takes no wrapper either (its
+draw has no single partner). This module sits above `objectives`, `amp` and
+`mixupe`, which never import it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mixjax import amp as amp_lib
@@ -32,7 +31,6 @@ from mixjax import mixupe as mixupe_lib
 from mixjax import objectives
 from mixjax import pairing as pairing_lib
 from mixjax import policies
-from mixjax import sampling
 
 BASES = ("erm", "mixup", "untied", "dat")
 WRAPPERS = ("amp", "mixupe")
@@ -59,75 +57,6 @@ def parse(method: str) -> tuple[str, tuple[str, ...]]:
     raise ValueError(f"method {method!r}: 'amp' perturbs a mixing coefficient, so it needs a "
                      f"mixing base {list(MIXING_BASES)}, not 'erm'.")
   return base, wrappers
-
-
-@dataclasses.dataclass(frozen=True)
-class Dirichlet:
-  """k-way mixing as an objective: `x~_i = sum_m w[i, m] x[perm_m[i]]`, `w_i ~ Dir(alpha 1_k)`.
-
-  The draw is `mixing.draw_dirichlet` (`perm_0` the identity, the others
-  random permutations; `largest_first` keeps the largest weight on the
-  example itself, as big_vision does); targets are smoothed, then mixed with
-  the same weights, and the loss is `loss_fn(outputs, mixed targets)` (equal
-  to the weighted losses for a target-linear loss). Its `mixing.Draw` holds
-  `coeffs = Coefficients(w, w)` with `w` f32[B, k], `perm` int32[k, B], the
-  mixed targets as `targets_a` and `targets_b = None`: not the one-partner
-  draw AMP and MixupE need, so `mixes` is False and neither wraps it. Inputs
-  are mixed at the input (no hidden point); partners are drawn over the whole
-  batch (not shard-local), so under a mesh the gather may cross devices.
-  """
-  alpha: float
-  k: int
-  loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
-  num_classes: Optional[int] = None
-  label_smoothing: float = 0.0
-  largest_first: bool = False
-  to_logits: Callable[[jax.Array], jax.Array] = objectives.identity
-  mesh: Optional[Mesh] = None
-  axis_name: mixing.AxisName = "data"
-
-  decomposes = True
-  mixes = False
-  policy = None
-  point = None
-
-  def __post_init__(self):
-    if int(self.k) != self.k or self.k < 2:
-      raise ValueError(f"Dirichlet k must be an integer >= 2, got {self.k!r}.")
-    sampling.resolve_beta(self.alpha, None)  # alpha > 0.
-
-  def init(self, sample_inputs: Any) -> dict:
-    del sample_inputs
-    return {}
-
-  def prepare(self, apply, variables, inputs, labels, key) -> objectives.Prepared:
-    """Weights, partners and mixed targets (first half of `key`); the rest is the dropout key."""
-    del apply, variables
-    batch = mixing.check_batch(inputs, labels)
-    k_mix, k_drop = jax.random.split(key)
-    w, perms = mixing.draw_dirichlet(k_mix, batch, alpha=self.alpha, k=int(self.k),
-                                     largest_first=self.largest_first)
-    targets = mixing.combine(
-        mixing.to_targets(labels, self.num_classes, self.label_smoothing), w, perms)
-    draw = mixing.Draw(policies.Coefficients(w, w), perms, targets, None)
-    return objectives.Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(w[:, 0])})
-
-  def forward(self, apply, variables, inputs, prepared):
-    d = prepared.draw
-    return apply(variables, mixing.combine(inputs, d.coeffs.lam_x, d.perm), key=prepared.key)
-
-  def per_example(self, outputs, draw):
-    return self.loss_fn(outputs, draw.targets_a)
-
-  def losses(self, apply, variables, inputs, prepared):
-    outputs, state = self.forward(apply, variables, inputs, prepared)
-    return self.per_example(outputs, prepared.draw), outputs, state
-
-  def __call__(self, apply, variables, inputs, labels, key):
-    prepared = self.prepare(apply, variables, inputs, labels, key)
-    per_example, _, state = self.losses(apply, variables, inputs, prepared)
-    loss = jnp.mean(per_example)
-    return loss, (state, {**prepared.metrics, "loss": loss})
 
 
 def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
@@ -220,8 +149,8 @@ def get_objective(method: str, *, num_classes: int, alpha: float = 1.0,
 
   obj: Any
   if k > 2:
-    obj = Dirichlet(alpha, int(k), loss_fn, num_classes, label_smoothing, largest_first,
-                    to_logits, mesh, axis_name)
+    obj = objectives.Dirichlet(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name,
+                               alpha=alpha, k=int(k), largest_first=largest_first)
   elif base == "erm":
     obj = objectives.Erm(loss_fn, num_classes, label_smoothing, to_logits, mesh, axis_name)
   else:

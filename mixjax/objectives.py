@@ -1,4 +1,4 @@
-"""Training objectives: one protocol, `Erm` and `Mixup`, and `Wrapper` for the methods above them.
+"""Training objectives: one protocol; `Erm`, `Mixup`, `Dirichlet` (k-way); `Wrapper` for methods.
 
 An objective turns a model's `ApplyFn` (`mixjax.adapters`) and a batch into a
 scalar loss. Every objective implements the same protocol (like optax's
@@ -51,6 +51,7 @@ from mixjax import losses as losses_lib
 from mixjax import mixing
 from mixjax import pairing as pairing_lib
 from mixjax import policies
+from mixjax import sampling
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -120,11 +121,10 @@ class _Steps:
 
 
 @dataclasses.dataclass(frozen=True)
-class Erm(_Steps):
-  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`.
+class _Unpaired(_Steps):
+  """The fields and loss of the objectives whose draw has no single partner (`Erm`, `Dirichlet`).
 
-  mesh/axis_name: the mesh the batch is sharded over, for wrappers that lay
-  out rows per shard (MixupE's clean pass); ERM itself does not use it.
+  The loss is `loss_fn(outputs, draw.targets_a)` per example.
   """
   loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy
   num_classes: Optional[int] = None
@@ -143,6 +143,18 @@ class Erm(_Steps):
     del sample_inputs
     return {}
 
+  def per_example(self, outputs, draw):
+    return self.loss_fn(outputs, draw.targets_a)
+
+
+@dataclasses.dataclass(frozen=True)
+class Erm(_Unpaired):
+  """Empirical risk minimisation: mean of `loss_fn(outputs, targets)`.
+
+  mesh/axis_name: the mesh the batch is sharded over, for wrappers that lay
+  out rows per shard (MixupE's clean pass); ERM itself does not use it.
+  """
+
   def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
     """The targets (no mixing); the whole key is the final pass's dropout key."""
     del apply, variables
@@ -152,9 +164,6 @@ class Erm(_Steps):
 
   def forward(self, apply, variables, inputs, prepared):
     return apply(variables, inputs, key=prepared.key)
-
-  def per_example(self, outputs, draw):
-    return self.loss_fn(outputs, draw.targets_a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +230,48 @@ class Mixup(_Steps):
   def per_example(self, outputs, draw):
     return losses_lib.mixup_loss(self.loss_fn, outputs, draw.targets_a, draw.targets_b,
                                  draw.coeffs.lam_y, self.interpolate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dirichlet(_Unpaired):
+  """k-way mixing as an objective: `x~_i = sum_m w[i, m] x[perm_m[i]]`, `w_i ~ Dir(alpha 1_k)`.
+
+  The draw is `mixing.draw_dirichlet` (`perm_0` the identity, the others
+  random permutations; `largest_first` keeps the largest weight on the
+  example itself, as big_vision does); targets are smoothed, then mixed with
+  the same weights, and the loss is `loss_fn(outputs, mixed targets)` (equal
+  to the weighted losses for a target-linear loss). Its `mixing.Draw` holds
+  `coeffs = Coefficients(w, w)` with `w` f32[B, k], `perm` int32[k, B], the
+  mixed targets as `targets_a` and `targets_b = None`: not the one-partner
+  draw AMP and MixupE need, so `mixes` is False and neither wraps it. Inputs
+  are mixed at the input (no hidden point); partners are drawn over the whole
+  batch (not shard-local), so under a mesh the gather may cross devices.
+  alpha, k, largest_first are keyword-only.
+  """
+  alpha: float = dataclasses.field(kw_only=True)
+  k: int = dataclasses.field(kw_only=True)
+  largest_first: bool = dataclasses.field(default=False, kw_only=True)
+
+  def __post_init__(self):
+    if int(self.k) != self.k or self.k < 2:
+      raise ValueError(f"Dirichlet k must be an integer >= 2, got {self.k!r}.")
+    sampling.resolve_beta(self.alpha, None)  # alpha > 0.
+
+  def prepare(self, apply, variables, inputs, labels, key) -> Prepared:
+    """Weights, partners and mixed targets (first half of `key`); the rest is the dropout key."""
+    del apply, variables
+    batch = mixing.check_batch(inputs, labels)
+    k_mix, k_drop = jax.random.split(key)
+    w, perms = mixing.draw_dirichlet(k_mix, batch, alpha=self.alpha, k=int(self.k),
+                                     largest_first=self.largest_first)
+    targets = mixing.combine(
+        mixing.to_targets(labels, self.num_classes, self.label_smoothing), w, perms)
+    draw = mixing.Draw(policies.Coefficients(w, w), perms, targets, None)
+    return Prepared(draw, k_drop, None, {"lam_mean": jnp.mean(w[:, 0])})
+
+  def forward(self, apply, variables, inputs, prepared):
+    d = prepared.draw
+    return apply(variables, mixing.combine(inputs, d.coeffs.lam_x, d.perm), key=prepared.key)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,14 +113,9 @@ class Erm:
     return 0.0
 
 
-@_pytree(data=("alpha", "beta"), meta=("per_example",))
 @dataclasses.dataclass(frozen=True)
-class Mixup:
-  """mixup (Zhang et al. 2018): `lam ~ Beta(alpha, beta)` for inputs and labels.
-
-  alpha, beta: float or f32[] (beta defaults to alpha). per_example: one `lam`
-  per example (f32[B]) or one per batch (f32[]).
-  """
+class _BetaInputs:
+  """`lam_x ~ Beta(alpha, beta)` (`Mixup`, `Dat`); a subclass defines the label weight `_lam_y(lam)`."""
   alpha: Scalar
   beta: Optional[Scalar] = None
   per_example: bool = True
@@ -130,11 +125,40 @@ class Mixup:
 
   def __call__(self, key: jax.Array, batch_size: int) -> Coefficients:
     lam = sampling.sample_beta(key, self.alpha, self.beta, _shape(batch_size, self.per_example))
-    return Coefficients(lam, lam)
+    return Coefficients(lam, self._lam_y(lam))
+
+
+@_pytree(data=("alpha", "beta"), meta=("per_example",))
+class Mixup(_BetaInputs):
+  """mixup (Zhang et al. 2018): `lam ~ Beta(alpha, beta)` for inputs and labels.
+
+  alpha, beta: float or f32[] (beta defaults to alpha). per_example: one `lam`
+  per example (f32[B]) or one per batch (f32[]).
+  """
+
+  def _lam_y(self, lam: jax.Array) -> jax.Array:
+    return lam
 
   def first_order_weight(self) -> float:
     """`E[2 lam (1 - lam)] = 2ab / ((a+b)(a+b+1))` = `E_{D_lam}[1 - lam]` (Zhang et al. 2021)."""
     return sampling.expected_one_minus_lam(self.alpha, self.beta)
+
+
+@_pytree(data=("alpha", "beta"), meta=("per_example",))
+class Dat(_BetaInputs):
+  """Directional Adversarial Training: inputs mixed with `lam ~ Beta(alpha, beta)`, label of `x_i`.
+
+  `lam_x` as in `Mixup` (the same draw for the same key), `lam_y` = 1 (f32[B]
+  per_example, else f32[]): `Weighted(Mixup(alpha, beta, per_example),
+  jnp.ones_like)` with a closed-form first-order weight.
+  """
+
+  def _lam_y(self, lam: jax.Array) -> jax.Array:
+    return jnp.ones_like(lam)
+
+  def first_order_weight(self) -> float:
+    """`E_{Beta(a,b)}[1 - lam] = b / (a + b)` (`lam_y` = 1)."""
+    return float(self.beta) / (float(self.alpha) + float(self.beta))
 
 
 @_pytree(data=("alpha", "beta"), meta=("per_example",))
@@ -164,30 +188,6 @@ class UntiedMixup:
     p(1-u))`: `E[gamma (1-u) + (1-gamma) u] = 1/2 int [p(u)(1-u) + p(1-u) u] du
     = int p(u) (1-u) du = E_{Beta(a,b)}[1 - lam] = b / (a + b)`.
     """
-    return float(self.beta) / (float(self.alpha) + float(self.beta))
-
-
-@_pytree(data=("alpha", "beta"), meta=("per_example",))
-@dataclasses.dataclass(frozen=True)
-class Dat:
-  """Directional Adversarial Training: inputs mixed with `lam ~ Beta(alpha, beta)`, label of `x_i`.
-
-  `lam_x` as in `Mixup`, `lam_y` = 1 (f32[B] per_example, else f32[]). This is
-  `Weighted(Mixup(alpha, beta, per_example), jnp.ones_like)` as its own class.
-  """
-  alpha: Scalar
-  beta: Optional[Scalar] = None
-  per_example: bool = True
-
-  def __post_init__(self):
-    _set_beta_params(self, beta_required=False)
-
-  def __call__(self, key: jax.Array, batch_size: int) -> Coefficients:
-    lam = sampling.sample_beta(key, self.alpha, self.beta, _shape(batch_size, self.per_example))
-    return Coefficients(lam, jnp.ones_like(lam))
-
-  def first_order_weight(self) -> float:
-    """`E_{Beta(a,b)}[1 - lam] = b / (a + b)` (`lam_y` = 1)."""
     return float(self.beta) / (float(self.alpha) + float(self.beta))
 
 

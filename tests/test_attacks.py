@@ -140,6 +140,33 @@ def test_black_box_uses_only_the_source_gradients():
   assert res["src"].top1 >= res["src"].clean_top1
 
 
+def test_evaluate_compiles_once_per_model_and_attack_shape():
+  """Calls differing only in eps (or repeated) reuse the compiled attack and forward pass."""
+  mlp, traces = _mlp(seed=3), []
+
+  def fn(v):
+    traces.append(v.shape)  # Runs only while tracing: under jit, once per compilation.
+    return mlp(v)
+
+  rng = np.random.default_rng(6)
+  x = rng.random(size=(32, 12)).astype(np.float32)
+  y = rng.integers(0, 4, 32).astype(np.int32)
+  first = attacks.evaluate(fn, {"m": fn}, x, y, attacks.Attack("ifgsm", 0.05, steps=3),
+                           batch_size=16)
+  assert traces
+  n = len(traces)
+  again = attacks.evaluate(fn, {"m": fn}, x, y, attacks.Attack("ifgsm", 0.05, steps=3),
+                           batch_size=16)
+  larger = attacks.evaluate(fn, {"m": fn}, x, y, attacks.Attack("ifgsm", 0.2, steps=3),
+                            batch_size=16)
+  assert len(traces) == n
+  assert again == first
+  x_adv = attacks.Attack("ifgsm", 0.2, steps=3)(mlp, x, y)  # Eager, for the values.
+  np.testing.assert_allclose(larger["m"].top1,
+                             float(jnp.mean(attacks.topk_errors(mlp(x_adv), jnp.asarray(y))[1])),
+                             atol=1e-6)
+
+
 def test_topk_errors_against_numpy():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(50, 7)).astype(np.float32)

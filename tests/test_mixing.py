@@ -325,7 +325,7 @@ def test_mix_dirichlet_and_the_k_way_objective_against_numpy(batch):
 
   obj = methods.get_objective("mixup", num_classes=3, k=3, label_smoothing=0.1,
                               largest_first=True)
-  assert isinstance(obj, methods.Dirichlet) and not obj.mixes
+  assert isinstance(obj, objectives.Dirichlet) and not obj.mixes
   proj = np.random.default_rng(0).normal(size=(x.shape[1], 3)).astype(np.float32)
   apply = adapters.make_apply_fn(lambda p, x: x @ p)
   loss, _ = obj(apply, {"params": proj}, x, y, jax.random.key(4))

@@ -4,6 +4,7 @@ Run as a script with the repository root on PYTHONPATH, it trains
 `tiny_config()` with a local model in a workdir (used by the kill/resume and
 multi-process tests):
     PYTHONPATH=. python tests/train_testlib.py WORKDIR STEPS [--sleep S] [--distributed ADDR N ID]
+        [--model mlp] [--log_every N] [--sigterm_at STEP]
     PYTHONPATH=. python tests/train_testlib.py coefficients OUTDIR --distributed ADDR N ID
 The second form draws the coefficients of every sharing scope on the global
 mesh and writes what this process holds (`coefficients_main`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -217,6 +219,9 @@ def main(argv):
   p.add_argument("--ckpt_every", type=int, default=4)
   p.add_argument("--mesh_fsdp", type=int, default=1)
   p.add_argument("--width", type=int, default=8)
+  p.add_argument("--model", choices=("resnet", "mlp"), default="resnet")
+  p.add_argument("--log_every", type=int, default=1)
+  p.add_argument("--sigterm_at", type=int, default=None, help="SIGTERM itself after this step")
   a = p.parse_args(argv)
   if a.distributed:
     _distributed(a.distributed)
@@ -224,8 +229,14 @@ def main(argv):
   c = tiny_config(a.steps)
   c.mesh_data, c.mesh_fsdp = a.mesh_data, a.mesh_fsdp
   c.checkpoint_every_steps = a.ckpt_every
-  on_step = (lambda s: time.sleep(a.sleep)) if a.sleep else None
-  res = train.train_one(c, c.method, a.workdir, model=TinyResNet(width=a.width), on_step=on_step)
+  c.log_every_steps = a.log_every
+
+  def on_step(step):
+    time.sleep(a.sleep)
+    if step == a.sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+  model = TinyResNet(width=a.width) if a.model == "resnet" else TinyMLP()
+  res = train.train_one(c, c.method, a.workdir, model=model, on_step=on_step)
   if not res["preempted"]:
     from jax.experimental import multihost_utils
     # FSDP leaves are split across processes: every process joins the gather.
