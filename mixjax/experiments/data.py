@@ -2,14 +2,16 @@
 
 `mixjax.input_pipeline` serves the digits standardised, with one fixed split,
 for `train.py`; the experiments need the pixels in [0, 1] (the attacks clip to
-that range) and a split per seed. `split` and `standardize` do what the input
-pipeline's private `_split_indices` and `_standardise` do (the same per-class
-draws; `split` also shuffles the order), which the package does not export.
+that range) and a split per seed: `split` is `input_pipeline.sources.split_indices`
+with at least one test example per class, shuffled (standardise with
+`sources.standardise`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from mixjax.input_pipeline import sources
 
 TABLES = ("iris", "wine", "breast_cancer", "digits")
 
@@ -41,19 +43,6 @@ def split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, n
 
   Per class, `max(1, round(test_fraction * n_c))` examples go to the test set.
   """
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
   rng = np.random.default_rng(seed)
-  train, test = [], []
-  for c in np.unique(y):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    k = max(1, int(round(test_fraction * len(idx))))
-    test.append(idx[:k])
-    train.append(idx[k:])
-  return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
-
-
-def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-  """Zero mean, unit variance per feature, with the training statistics (f32)."""
-  mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-  return [((x - mean) / std).astype(np.float32) for x in (train,) + others]
+  train, test = sources.split_indices(y, test_fraction, rng, min_test=1)
+  return rng.permutation(train), rng.permutation(test)

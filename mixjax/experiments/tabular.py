@@ -22,6 +22,7 @@ from mixjax import objectives
 from mixjax.experiments import common
 from mixjax.experiments import data
 from mixjax.experiments import training
+from mixjax.input_pipeline import sources
 
 NAME = "tabular"
 DATASETS = data.TABLES
@@ -53,7 +54,7 @@ def run(dataset: str, method: str, seeds: Sequence[int], *, epochs: int, batch_s
   errors = []
   for seed in seeds:
     tr, te = data.split(y, test_fraction, seed)
-    xtr, xte = data.standardize(x[tr], x[te])
+    xtr, xte = sources.standardise(x[tr], x[te])
     fit = training.fit(model, obj, xtr, y[tr], tx=tx, epochs=epochs, batch_size=batch_size,
                        seed=seed, test=(xte, y[te]), num_classes=num_classes, fast=fast)
     errors.append(fit.history[-1]["test_error"])

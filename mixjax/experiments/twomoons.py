@@ -42,7 +42,7 @@ from mixjax import objectives
 from mixjax import theory
 from mixjax import train_step as train_step_lib
 from mixjax.experiments import common
-from mixjax.experiments import data
+from mixjax.input_pipeline import sources
 
 NAME = "twomoons"
 
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # Test data from seed + 1000: no seed's test set is another seed's training set.
     xtr, ytr = two_moons(n, args.noise, seed)
     xte, yte = two_moons(n, args.noise, seed + 1000 if len(seeds) > 1 else seed + 1)
-    xtr, xte = data.standardize(xtr, xte)
+    xtr, xte = sources.standardise(xtr, xte)
     splits = (xtr, ytr, xte, yte)
     k_log, k_net = jax.random.split(jax.random.key(seed))
     nets = dict(zip(names, (logistic_model(k_log), relu_net(k_net, args.hidden))))

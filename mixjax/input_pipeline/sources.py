@@ -29,18 +29,27 @@ from mixjax.input_pipeline.tfds_data import tfds_text
 from mixjax.input_pipeline.text import text_splits
 
 
-def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-  rng = np.random.default_rng(seed)
+def split_indices(labels: np.ndarray, test_fraction: float, rng: np.random.Generator,
+                  min_test: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A stratified split: (train, test) int64 indices into `labels` int[N].
+
+  Per class (in sorted order), its indices are permuted with `rng` and the
+  first `max(min_test, round(test_fraction * n_c))` go to the test set. Each
+  output lists the classes in turn (sort or shuffle it as needed).
+  """
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
   train, test = [], []
   for c in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == c))
-    n_test = int(round(test_fraction * len(idx)))
+    n_test = max(int(min_test), int(round(test_fraction * len(idx))))
     test.append(idx[:n_test])
     train.append(idx[n_test:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+  return np.concatenate(train), np.concatenate(test)
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+  """Zero mean, unit variance per feature with `train`'s statistics: [train, *others] as f32."""
   mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
   return [((x - mean) / std).astype(np.float32) for x in (train,) + others]
 
@@ -55,12 +64,12 @@ def _sklearn(name: str) -> dict[str, ArrayDataset]:
     d = datasets.load_iris()
     x, y = d.data.astype(np.float32), d.target.astype(np.int32)
     test_fraction, classes = 1.0 / 3.0, 3
-  tr, te = _split_indices(y, test_fraction, seed=0)
+  tr, te = (np.sort(i) for i in split_indices(y, test_fraction, np.random.default_rng(0)))
   if name == "digits":  # One mean/std over all pixels (keeps the image structure).
     mean, std = x[tr].mean(), x[tr].std()
     xtr, xte = (x[tr] - mean) / std, (x[te] - mean) / std
   else:
-    xtr, xte = _standardise(x[tr], x[te])
+    xtr, xte = standardise(x[tr], x[te])
   return {"train": ArrayDataset(xtr.astype(np.float32), y[tr], classes),
           "test": ArrayDataset(xte.astype(np.float32), y[te], classes)}
 
@@ -122,7 +131,7 @@ def load_arrays(dcfg: Any, seed: int = 0) -> dict[str, Any]:
         out[key] = ArrayDataset(f["x"].astype(dcfg.input_dtype), f["y"].astype(np.int32),
                                 dcfg.num_classes)
     if dcfg.normalize == "per_dataset":
-      out["train"].inputs, out["eval"].inputs = _standardise(out["train"].inputs,
+      out["train"].inputs, out["eval"].inputs = standardise(out["train"].inputs,
                                                              out["eval"].inputs)
   elif name == "tsv":
     read = lambda split: _read_tsv(os.path.join(dcfg.data_dir or ".", split + ".tsv"))  # noqa
