@@ -89,9 +89,10 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     A step with a non-finite loss, gradient norm or update norm (an update
     that overflows, e.g. from a huge learning rate) leaves params, optimizer
     and model state unchanged ('finite' = 0); the caller stops or skips. The
-    flag is three scalars; params take `where(finite, update, 0)` and the
-    optimizer and model state a `lax.cond`, so no per-leaf flag or copy of the
-    momentum tree is made.
+    flag is computed before anything changes, from the loss and one pass over
+    the gradients and optimizer state (`_grad_norm_and_finite`); each new
+    leaf is then one `where(finite, new, old)` fused into the pass that
+    computes it, so no leaf is copied.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -125,16 +126,12 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     metrics = jax.tree_util.tree_map(jnp.mean, metrics)
 
   model_state = {k: v for k, v in dict(model_state).items() if k in state.model_state}
-  grad_norm = optax.tree.norm(grads)
+  grad_norm, finite = _grad_norm_and_finite(loss, grads, state.opt_state, state.params, tx)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  # One flag: a non-finite gradient makes its norm non-finite, and an update
-  # that overflows (a huge learning rate) makes the update's norm non-finite.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-      optax.tree.norm(updates))
-  params = jax.tree_util.tree_map(lambda p, u: p + jnp.where(finite, u, 0).astype(p.dtype),
-                                  state.params, updates)
-  opt_state, model_state = jax.lax.cond(
-      finite, lambda: (opt_state, model_state), lambda: (state.opt_state, state.model_state))
+  select = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  params = select(optax.apply_updates(state.params, updates), state.params)
+  opt_state, model_state = select((opt_state, model_state), (state.opt_state, state.model_state))
   ema_params, ema_model_state = state.ema_params, state.ema_model_state
   if ema_decay:
     ema_params = optim.ema_update(state.ema_params, params, ema_decay)
@@ -148,6 +145,35 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
   if schedule is not None:
     metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, params: PyTree,
+                          tx: optax.GradientTransformation) -> tuple[jax.Array, jax.Array]:
+  """(f32[] global gradient norm, bool[] loss, gradient norm and update norm all finite).
+
+  One read of the gradients and optimizer state, and one reduction per
+  distinct leaf size: leaves of the same size are summed elementwise
+  (g1^2 + g2^2 + ...) inside one variadic reduce that sums g^2 and u^2
+  together, where the update u is recomputed elementwise from the gradient
+  and optimizer state. The optimization barrier keeps XLA from sharing that
+  recomputation with the update that is applied later, which would make it
+  write the whole update tree to memory and read it back. A non-finite
+  gradient makes its norm non-finite, and an update that overflows (a huge
+  learning rate) makes the update's norm non-finite.
+  """
+  updates, _ = tx.update(*jax.lax.optimization_barrier((grads, opt_state, params)))
+  by_size: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+  for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(updates)):
+    by_size.setdefault(g.size, []).append((g, u))
+  zero = jnp.zeros((), jnp.float32)
+  g_sq, u_sq = zero, zero
+  for pairs in by_size.values():
+    sq = lambda xs: sum(jnp.square(x.astype(jnp.float32)).ravel() for x in xs)  # noqa: E731
+    g2, u2 = jax.lax.reduce((sq(g for g, _ in pairs), sq(u for _, u in pairs)), (zero, zero),
+                            lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))
+    g_sq, u_sq = g_sq + g2, u_sq + u2
+  grad_norm = jnp.sqrt(g_sq)
+  return grad_norm, jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(u_sq)
 
 
 def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
