@@ -205,7 +205,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     data = from_config.data(config, mesh, start_step=start)
 
   step_kwargs = dict(apply=apply_train, tx=tx, schedule=schedule, ema_decay=config.ema_decay,
-                     accum_steps=config.optimizer.grad_accum_steps)
+                     accum_steps=config.optimizer.grad_accum_steps, preprocess=data.preprocess)
   jit_step = lambda obj: jax.jit(  # noqa: E731
       functools.partial(ts.train_step, objective=obj, **step_kwargs),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
@@ -214,7 +214,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
   p_erm_step = jit_step(erm) if config.mix.erm_warmup_steps and method != "erm" else p_step
   p_eval = jax.jit(functools.partial(
       ts.eval_step, apply=apply_eval, num_classes=num_classes,
-      loss_fn=getattr(erm, "loss_fn"), to_logits=getattr(erm, "to_logits")),
+      loss_fn=getattr(erm, "loss_fn"), to_logits=getattr(erm, "to_logits"),
+      preprocess=data.preprocess),
       out_shardings=replicated)  # Inputs keep their shardings (state's, batch_sharding).
 
   def evaluate(variables) -> dict[str, float]:
@@ -233,8 +234,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     out = {"eval": evaluate(variables)}
     if final and config.study.fgsm_eps:
       logits = lambda x: erm.to_logits(apply_eval(variables, x)[0])  # noqa: E731
-      out["eval"]["fgsm_top1"] = 1.0 - study.fgsm_error(logits, data.eval_batches(),
-                                                        config.study.fgsm_eps)
+      normalised = ({**b, "inputs": data.preprocess(b["inputs"])} for b in data.eval_batches())
+      out["eval"]["fgsm_top1"] = 1.0 - study.fgsm_error(logits, normalised, config.study.fgsm_eps)
     record = {k: v for k, v in out["eval"].items()}
     if config.ema_decay:
       out["eval_ema"] = evaluate({"params": state.ema_params, **state.ema_model_state})

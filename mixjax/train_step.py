@@ -25,6 +25,18 @@ from mixjax import optim
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+Preprocess = Callable[[PyTree], PyTree]
+
+
+def _preprocess(inputs: PyTree, preprocess: Optional[Preprocess], caller: str) -> PyTree:
+  """`preprocess(inputs)`, or inputs as they are; ValueError for uint8 inputs without one."""
+  if preprocess is not None:
+    return preprocess(inputs)
+  if any(jnp.result_type(x) == jnp.uint8 for x in jax.tree_util.tree_leaves(inputs)):
+    raise ValueError(f"{caller}: batch['inputs'] are uint8 images; pass preprocess="
+                     "input_pipeline.device_normaliser(<dataset.normalize>) to normalise them "
+                     "on the device, or convert them first (x.astype(jnp.float32) / 255).")
+  return inputs
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -72,7 +84,8 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, key:
 def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Objective,
                apply: adapters.ApplyFn, tx: optax.GradientTransformation,
                schedule: Optional[optax.Schedule] = None, ema_decay: float = 0.0,
-               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               accum_steps: int = 1, preprocess: Optional[Preprocess] = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch.
 
   Args:
@@ -84,6 +97,10 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     accum_steps: split the batch into this many micro-batches (example i goes
       to micro-batch i % accum_steps, so shards stay on their devices) and
       average their gradients in a `lax.scan`; model state threads through.
+    preprocess: applied to `batch['inputs']` first, inside the step (e.g.
+      `input_pipeline.device_normaliser(name)` for uint8 images, which then
+      cross to the device at a quarter of the float32 bytes). uint8 inputs
+      without it raise ValueError.
   Returns:
     (new state, metrics: f32[] scalars incl. 'loss', 'grad_norm', 'lr', 'finite').
     A step with a non-finite loss, gradient norm or update norm (an update
@@ -94,6 +111,7 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     leaf is then one `where(finite, new, old)` fused into the pass that
     computes it, so no leaf is copied.
   """
+  batch = {**batch, "inputs": _preprocess(batch["inputs"], preprocess, "train_step")}
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params, model_state, inputs, labels, k):
@@ -180,7 +198,8 @@ def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
               num_classes: int,
               loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
               to_logits: Callable[[jax.Array], jax.Array] = lambda x: x,
-              calibration_bins: int = 15) -> dict[str, jax.Array]:
+              calibration_bins: int = 15,
+              preprocess: Optional[Preprocess] = None) -> dict[str, jax.Array]:
   """Sums over a batch: {'loss', 'top1', 'top5', 'count'} (f32[]) and 'calibration'.
 
   batch: {'inputs', 'labels': int32[B], 'mask': f32[B] (0 for padding)}.
@@ -189,9 +208,9 @@ def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
   confidence max_c softmax(logits)_c, the count, the summed confidence and
   the summed correctness; sum it over batches and pass it to
   `expected_calibration_error`. With softmax cross-entropy 'loss' / 'count'
-  is the negative log-likelihood.
+  is the negative log-likelihood. `preprocess`: as in `train_step`.
   """
-  outputs, _ = apply(variables, batch["inputs"], key=None)
+  outputs, _ = apply(variables, _preprocess(batch["inputs"], preprocess, "eval_step"), key=None)
   labels = batch["labels"]
   mask = batch.get("mask", jnp.ones(labels.shape[0], jnp.float32))
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
