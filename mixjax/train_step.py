@@ -184,12 +184,14 @@ def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, par
   for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(updates)):
     by_size.setdefault(g.size, []).append((g, u))
   zero = jnp.zeros((), jnp.float32)
-  g_sq, u_sq = zero, zero
-  for pairs in by_size.values():
-    sq = lambda xs: sum(jnp.square(x.astype(jnp.float32)).ravel() for x in xs)  # noqa: E731
-    g2, u2 = jax.lax.reduce((sq(g for g, _ in pairs), sq(u for _, u in pairs)), (zero, zero),
-                            lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))
-    g_sq, u_sq = g_sq + g2, u_sq + u2
+  sq = lambda xs: sum(jnp.square(x.astype(jnp.float32)).ravel() for x in xs)  # noqa: E731
+  sums = jnp.stack([s for p in by_size.values() for s in jax.lax.reduce(
+      (sq(g for g, _ in p), sq(u for _, u in p)), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))]).reshape(-1, 2)
+  # Added by a dot, which XLA does not fuse into the update: each update fusion
+  # then takes the two totals instead of re-adding one sum per leaf size.
+  g_sq, u_sq = jnp.dot(jnp.ones(sums.shape[0], jnp.float32), sums,
+                       precision=jax.lax.Precision.HIGHEST)  # Full f32 on TPU/GPU too.
   grad_norm = jnp.sqrt(g_sq)
   return grad_norm, jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(u_sq)
 
