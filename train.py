@@ -171,7 +171,7 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
       data = from_config.data(config, mesh, start_step=start)
 
     step_kwargs = dict(apply=apply_train, tx=tx, schedule=schedule, ema_decay=config.ema_decay,
-                       accum_steps=config.optimizer.grad_accum_steps)
+                       accum_steps=config.optimizer.grad_accum_steps, preprocess=data.preprocess)
     jit_step = lambda obj: jax.jit(  # noqa: E731
         functools.partial(ts.train_step, objective=obj, **step_kwargs),
         in_shardings=(state_sharding, batch_sharding),
@@ -180,7 +180,8 @@ def train_one(config: ml_collections.ConfigDict, method: str, workdir: Optional[
     p_erm_step = jit_step(erm) if config.mix.erm_warmup_steps and method != "erm" else p_step
     evaluator = evaluation.Evaluator(apply_eval, erm, data.eval_batches, batch_sharding,
                                      config.dataset.num_classes, ema=bool(config.ema_decay),
-                                     fgsm_eps=config.study.fgsm_eps)
+                                     fgsm_eps=config.study.fgsm_eps,
+                                     preprocess=data.preprocess)
 
     def run_eval(step: int, final: bool = False) -> dict[str, Any]:
       out = evaluator(state, final=final)

@@ -115,15 +115,20 @@ class Data:
     (B the global batch, P the processes) with `.step` or `start_step` and
     `.close()`; train_examples: size of the training set; eval_batch: the
     global eval batch, rounded up to a multiple of the mesh size;
-    `eval_batches()`: a fresh pass over the eval set (padded rows have mask 0).
+    `eval_batches()`: a fresh pass over the eval set (padded rows have mask 0);
+    preprocess: `input_pipeline.device_normaliser(dataset.normalize)`, the
+    step's half of the pipeline (uint8 images -> normalised f32; pass it as
+    the train and eval steps' `preprocess`).
   """
 
   def __init__(self, train: Any, train_examples: int, eval_batch: int,
-               eval_batches: Callable[[], Iterator[Batch]]):
+               eval_batches: Callable[[], Iterator[Batch]],
+               preprocess: Callable[[Any], Any]):
     self.train = train
     self.train_examples = train_examples
     self.eval_batch = eval_batch
     self._eval_batches = eval_batches
+    self.preprocess = preprocess
 
   def eval_batches(self) -> Iterator[Batch]:
     return self._eval_batches()
@@ -140,13 +145,14 @@ def data(config: ConfigDict, mesh: Mesh, start_step: int = 0) -> Data:
   groups = sharding.num_batch_shards(mesh) if config.mix.shard_local else 1
   pidx, pcount = jax.process_index(), jax.process_count()
   eval_batch = -(-(config.eval_batch_size or config.batch_size) // mesh.size) * mesh.size
+  preprocess = input_pipeline.device_normaliser(d.normalize)
   if d.name == "tfds" and d.input_dtype != "int32":
     train = input_pipeline.TfdsTrainIterator(
         d, config.batch_size, seed=config.seed, process_index=pidx, process_count=pcount,
         start_step=start_step)
     return Data(train, input_pipeline.tfds_num_examples(d, d.train_split), eval_batch,
                 lambda: input_pipeline.tfds_eval_batches(
-                    d, eval_batch, process_index=pidx, process_count=pcount))
+                    d, eval_batch, process_index=pidx, process_count=pcount), preprocess)
   arrays = input_pipeline.load_arrays(d, seed=config.seed)
   got = tuple(arrays["train"].get(np.arange(1))[0].shape[1:])
   if d.augment != "inception" and got != shape:
@@ -160,7 +166,7 @@ def data(config: ConfigDict, mesh: Mesh, start_step: int = 0) -> Data:
   return Data(train, len(arrays["train"]), eval_batch,
               lambda: input_pipeline.eval_batches(
                   arrays["eval"], eval_batch, augment=d.augment, out_shape=shape,
-                  normalize=d.normalize, process_index=pidx, process_count=pcount))
+                  normalize=d.normalize, process_index=pidx, process_count=pcount), preprocess)
 
 
 def total_steps(config: ConfigDict, train_examples: int) -> tuple[int, float]:

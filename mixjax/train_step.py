@@ -25,6 +25,18 @@ from mixjax import optim
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+Preprocess = Callable[[PyTree], PyTree]
+
+
+def _preprocess(inputs: PyTree, preprocess: Optional[Preprocess], caller: str) -> PyTree:
+  """`preprocess(inputs)`, or inputs as they are; ValueError for uint8 inputs without one."""
+  if preprocess is not None:
+    return preprocess(inputs)
+  if any(jnp.result_type(x) == jnp.uint8 for x in jax.tree_util.tree_leaves(inputs)):
+    raise ValueError(f"{caller}: batch['inputs'] are uint8 images; pass preprocess="
+                     "input_pipeline.device_normaliser(<dataset.normalize>) to normalise them "
+                     "on the device, or convert them first (x.astype(jnp.float32) / 255).")
+  return inputs
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -72,7 +84,8 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, key:
 def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Objective,
                apply: adapters.ApplyFn, tx: optax.GradientTransformation,
                schedule: Optional[optax.Schedule] = None, ema_decay: float = 0.0,
-               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               accum_steps: int = 1, preprocess: Optional[Preprocess] = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch.
 
   Args:
@@ -84,15 +97,21 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     accum_steps: split the batch into this many micro-batches (example i goes
       to micro-batch i % accum_steps, so shards stay on their devices) and
       average their gradients in a `lax.scan`; model state threads through.
+    preprocess: applied to `batch['inputs']` first, inside the step (e.g.
+      `input_pipeline.device_normaliser(name)` for uint8 images, which then
+      cross to the device at a quarter of the float32 bytes). uint8 inputs
+      without it raise ValueError.
   Returns:
     (new state, metrics: f32[] scalars incl. 'loss', 'grad_norm', 'lr', 'finite').
     A step with a non-finite loss, gradient norm or update norm (an update
     that overflows, e.g. from a huge learning rate) leaves params, optimizer
     and model state unchanged ('finite' = 0); the caller stops or skips. The
-    flag is three scalars; params take `where(finite, update, 0)` and the
-    optimizer and model state a `lax.cond`, so no per-leaf flag or copy of the
-    momentum tree is made.
+    flag is computed before anything changes, from the loss and one pass over
+    the gradients and optimizer state (`_grad_norm_and_finite`); each new
+    leaf is then one `where(finite, new, old)` fused into the pass that
+    computes it, so no leaf is copied.
   """
+  batch = {**batch, "inputs": _preprocess(batch["inputs"], preprocess, "train_step")}
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params, model_state, inputs, labels, k):
@@ -125,16 +144,12 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
     metrics = jax.tree_util.tree_map(jnp.mean, metrics)
 
   model_state = {k: v for k, v in dict(model_state).items() if k in state.model_state}
-  grad_norm = optax.tree.norm(grads)
+  grad_norm, finite = _grad_norm_and_finite(loss, grads, state.opt_state, state.params, tx)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  # One flag: a non-finite gradient makes its norm non-finite, and an update
-  # that overflows (a huge learning rate) makes the update's norm non-finite.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-      optax.tree.norm(updates))
-  params = jax.tree_util.tree_map(lambda p, u: p + jnp.where(finite, u, 0).astype(p.dtype),
-                                  state.params, updates)
-  opt_state, model_state = jax.lax.cond(
-      finite, lambda: (opt_state, model_state), lambda: (state.opt_state, state.model_state))
+  select = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  params = select(optax.apply_updates(state.params, updates), state.params)
+  opt_state, model_state = select((opt_state, model_state), (state.opt_state, state.model_state))
   ema_params, ema_model_state = state.ema_params, state.ema_model_state
   if ema_decay:
     ema_params = optim.ema_update(state.ema_params, params, ema_decay)
@@ -150,11 +165,43 @@ def train_step(state: TrainState, batch: Batch, *, objective: objectives_lib.Obj
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
+def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, params: PyTree,
+                          tx: optax.GradientTransformation) -> tuple[jax.Array, jax.Array]:
+  """(f32[] global gradient norm, bool[] loss, gradient norm and update norm all finite).
+
+  One read of the gradients and optimizer state, and one reduction per
+  distinct leaf size: leaves of the same size are summed elementwise
+  (g1^2 + g2^2 + ...) inside one variadic reduce that sums g^2 and u^2
+  together, where the update u is recomputed elementwise from the gradient
+  and optimizer state. The optimization barrier keeps XLA from sharing that
+  recomputation with the update that is applied later, which would make it
+  write the whole update tree to memory and read it back. A non-finite
+  gradient makes its norm non-finite, and an update that overflows (a huge
+  learning rate) makes the update's norm non-finite.
+  """
+  updates, _ = tx.update(*jax.lax.optimization_barrier((grads, opt_state, params)))
+  by_size: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+  for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(updates)):
+    by_size.setdefault(g.size, []).append((g, u))
+  zero = jnp.zeros((), jnp.float32)
+  sq = lambda xs: sum(jnp.square(x.astype(jnp.float32)).ravel() for x in xs)  # noqa: E731
+  sums = jnp.stack([s for p in by_size.values() for s in jax.lax.reduce(
+      (sq(g for g, _ in p), sq(u for _, u in p)), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))]).reshape(-1, 2)
+  # Added by a dot, which XLA does not fuse into the update: each update fusion
+  # then takes the two totals instead of re-adding one sum per leaf size.
+  g_sq, u_sq = jnp.dot(jnp.ones(sums.shape[0], jnp.float32), sums,
+                       precision=jax.lax.Precision.HIGHEST)  # Full f32 on TPU/GPU too.
+  grad_norm = jnp.sqrt(g_sq)
+  return grad_norm, jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(u_sq)
+
+
 def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
               num_classes: int,
               loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
               to_logits: Callable[[jax.Array], jax.Array] = lambda x: x,
-              calibration_bins: int = 15) -> dict[str, jax.Array]:
+              calibration_bins: int = 15,
+              preprocess: Optional[Preprocess] = None) -> dict[str, jax.Array]:
   """Sums over a batch: {'loss', 'top1', 'top5', 'count'} (f32[]) and 'calibration'.
 
   batch: {'inputs', 'labels': int32[B], 'mask': f32[B] (0 for padding)}.
@@ -163,9 +210,9 @@ def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,
   confidence max_c softmax(logits)_c, the count, the summed confidence and
   the summed correctness; sum it over batches and pass it to
   `expected_calibration_error`. With softmax cross-entropy 'loss' / 'count'
-  is the negative log-likelihood.
+  is the negative log-likelihood. `preprocess`: as in `train_step`.
   """
-  outputs, _ = apply(variables, batch["inputs"], key=None)
+  outputs, _ = apply(variables, _preprocess(batch["inputs"], preprocess, "eval_step"), key=None)
   labels = batch["labels"]
   mask = batch.get("mask", jnp.ones(labels.shape[0], jnp.float32))
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)

@@ -228,6 +228,36 @@ def test_normalise_uses_the_named_constants_and_leaves_tokens_alone():
     augment.normalise(x, "nope")
 
 
+@pytest.mark.parametrize("augment_kind", ["cifar", "flip", "none", "inception"])
+def test_uint8_images_cross_as_uint8_and_normalise_on_device_as_on_the_host(augment_kind):
+  """uint8 images leave the iterators as uint8 (unless resized); the jitted device half
+  gives the numbers the host gave for the same images as floats in [0, 1]."""
+  import jax
+  raw = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+  as_uint8 = ip.ArrayDataset(raw, np.arange(12) % 3, 3)
+  as_float = ip.ArrayDataset(raw.astype(np.float32) / np.float32(255.0), np.arange(12) % 3, 3)
+  shape = (6, 6, 3) if augment_kind == "inception" else (8, 8, 3)
+  kw = dict(seed=3, augment=augment_kind, out_shape=shape, normalize="cifar10", prefetch=0)
+  got, want = (ip.TrainIterator(d, 4, **kw).batch_at(5) for d in (as_uint8, as_float))
+  ev_got, ev_want = (next(ip.eval_batches(d, 4, augment=augment_kind, out_shape=shape,
+                                          normalize="cifar10")) for d in (as_uint8, as_float))
+  on_device = jax.jit(ip.device_normaliser("cifar10"))
+  resized = augment_kind == "inception"
+  for g, w in ((got, want), (ev_got, ev_want)):
+    assert g["inputs"].dtype == (np.float32 if resized else np.uint8)
+    np.testing.assert_array_equal(g["labels"], w["labels"])
+    x = np.asarray(on_device(g["inputs"]))
+    assert x.dtype == np.float32 and x.shape == w["inputs"].shape
+    np.testing.assert_allclose(x, w["inputs"], rtol=0, atol=1e-6)
+  # Floats (host-normalised) and token ids pass through the device half unchanged.
+  tokens = np.ones((2, 5), np.int32)
+  assert ip.device_normaliser("imagenet")(tokens) is tokens
+  assert ip.device_normaliser("none")(want["inputs"]) is want["inputs"]
+  np.testing.assert_allclose(ip.device_normaliser("none")(raw), raw / 255.0, atol=1e-7)
+  with pytest.raises(ValueError, match="dataset.normalize='nope'"):
+    ip.device_normaliser("nope")
+
+
 def test_importing_the_package_does_not_import_tensorflow():
   code = ("import sys, mixjax.input_pipeline as ip; "
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")

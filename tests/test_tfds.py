@@ -124,6 +124,24 @@ def test_cifar_pad_crop_flip_on_png_images(data_dir):
   assert batch["inputs"].shape == (8, 32, 32, 3)
 
 
+def test_unresized_images_cross_as_uint8_and_normalise_on_device_as_tf_did(data_dir):
+  """Crops and flips move uint8 pixels; the device half does TF's former float arithmetic."""
+  import jax
+  d = _dcfg(data_dir, name="tiny_png", augment="cifar", input_shape=(32, 32, 3),
+            normalize="cifar10")
+  (batch,) = _take(ip.TfdsTrainIterator(d, 8, seed=0), 1)
+  (ev, _) = list(ip.tfds_eval_batches(d, 4))
+  mean, std = ip.NORMALIZE["cifar10"]
+  for x in (batch["inputs"], ev["inputs"]):
+    assert x.dtype == np.uint8
+    host = ((tf.cast(x, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)).numpy()
+    np.testing.assert_allclose(jax.jit(ip.device_normaliser("cifar10"))(x), host, rtol=0,
+                               atol=1e-6)
+  # Resized (Inception) images are still normalised in TensorFlow.
+  (resized,) = _take(ip.TfdsTrainIterator(_dcfg(data_dir), 8, seed=0), 1)
+  assert resized["inputs"].dtype == np.float32
+
+
 def test_label_corruption_changes_a_fixed_fraction_of_training_labels_only(data_dir):
   def labels(**kw):
     d = _dcfg(data_dir, name="tiny_png", augment="none", input_shape=(32, 32, 3), **kw)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mixjax import adapters, objectives
 from mixjax import train_step as ts
@@ -101,3 +102,39 @@ def test_eval_step_calibration_matches_numpy_ece():
   np.testing.assert_allclose(float(sums["count"]), 37)
   nll = -np.log(p[np.arange(37), np.asarray(labels)[:37]]).sum()
   np.testing.assert_allclose(float(sums["loss"]), nll, rtol=1e-5)
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+    return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_uint8_images_are_normalised_inside_the_step_as_on_the_host():
+  """A uint8 batch with `preprocess` gives the step and eval of its host-normalised floats."""
+  from mixjax import input_pipeline as ip
+  raw = np.random.default_rng(0).integers(0, 256, (8, 6, 6, 3), dtype=np.uint8)
+  host = ip.augment.normalise(raw.astype(np.float32) / np.float32(255.0), "imagenet")
+  y = jnp.arange(8) % 3
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = ts.create_train_state(ConvNet().init(jax.random.key(1), host), tx, jax.random.key(2),
+                                ema=True)
+  kw = dict(objective=objectives.erm(num_classes=3),
+            apply=adapters.make_apply(ConvNet(), train=True), tx=tx, ema_decay=0.9)
+  pre = ip.device_normaliser("imagenet")
+  got, m_got = jax.jit(functools.partial(ts.train_step, preprocess=pre, **kw))(
+      state, {"inputs": raw, "labels": y})
+  want, m_want = jax.jit(functools.partial(ts.train_step, **kw))(
+      state, {"inputs": host, "labels": y})
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-6)
+  ev = functools.partial(ts.eval_step, apply=adapters.make_apply(ConvNet()), num_classes=3)
+  variables = {"params": state.params, **state.model_state}
+  chex.assert_trees_all_close(
+      jax.jit(functools.partial(ev, preprocess=pre))(variables, {"inputs": raw, "labels": y}),
+      jax.jit(ev)(variables, {"inputs": host, "labels": y}), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="train_step: .*uint8.*preprocess=input_pipeline"):
+    jax.jit(functools.partial(ts.train_step, **kw))(state, {"inputs": raw, "labels": y})
+  with pytest.raises(ValueError, match="eval_step: .*uint8.*preprocess="):
+    ev(variables, {"inputs": raw, "labels": y})

@@ -8,8 +8,9 @@ share it (see `iterators`). The package's modules, one per seam:
   text       tokenisation, vocabularies (`build_vocab`, `encode`), token splits.
   sources    `load_arrays` for the in-memory sources (scikit-learn digits/iris,
              synthetic, npz, tsv, TFDS text), `corrupt_labels`.
-  augment    NumPy crops, flips, inception boxes, the eval transform and the
-             `NORMALIZE` constants.
+  augment    NumPy crops, flips, inception boxes, the eval transform, the
+             `NORMALIZE` constants and `device_normaliser` (uint8 images are
+             normalised inside the jitted steps).
   iterators  `TrainIterator` and `eval_batches` over in-memory datasets.
   tfds_data  TFDS builders and tf.data preprocessing: `TfdsTrainIterator`,
              `tfds_eval_batches`, `tfds_num_examples` (TensorFlow is imported
@@ -19,7 +20,8 @@ This module re-exports the public API; helpers shared between the modules
 stay importable from their module only.
 """
 
-from mixjax.input_pipeline.augment import NORMALIZE, augment_batch, eval_transform, inception_boxes
+from mixjax.input_pipeline.augment import (NORMALIZE, augment_batch, device_normaliser,
+                                           eval_transform, inception_boxes)
 from mixjax.input_pipeline.datasets import ArrayDataset, SyntheticDataset
 from mixjax.input_pipeline.iterators import TrainIterator, eval_batches
 from mixjax.input_pipeline.sources import corrupt_labels, load_arrays
@@ -33,6 +35,7 @@ __all__ = [
     "TfdsTrainIterator",
     "TrainIterator",
     "augment_batch",
+    "device_normaliser",
     "build_vocab",
     "corrupt_labels",
     "encode",

@@ -25,10 +25,24 @@ import numpy as np
 from mixjax.input_pipeline.augment import augment_batch, eval_transform, normalise
 
 
+def _host_normalise(x: np.ndarray, source_dtype: np.dtype, name: str) -> np.ndarray:
+  """The host's half of the normalisation: float images here, uint8 ones on the device.
+
+  uint8 images that stayed uint8 are left for `augment.device_normaliser`
+  (run by the train and eval steps); uint8 images resized to float32 (Inception
+  crops, still on the [0, 255] scale) are scaled to [0, 1] and normalised here.
+  """
+  if source_dtype == np.uint8 and x.dtype != np.uint8:
+    x = x / np.float32(255.0)
+  return normalise(x, name)
+
+
 class TrainIterator:
   """Process-local training batches, a pure function of the step.
 
-  Yields {'inputs': [B/P, ...], 'labels': int32[B/P]}; `state()` / the
+  Yields {'inputs': [B/P, ...], 'labels': int32[B/P]} (uint8 images stay
+  uint8 unless resized: normalise them on the device with
+  `augment.device_normaliser`); `state()` / the
   `start_step` argument give exact resumption. With `prefetch > 0` a
   background thread prepares the next batches.
   """
@@ -88,9 +102,11 @@ class TrainIterator:
     local = self.global_batch // self.process_count
     rows = slice(self.process_index * local, (self.process_index + 1) * local)
     x, y = self.dataset.get(idx)
-    if x.dtype.kind == "f" and x.ndim == 4 and self.augment != "none":
-      x = augment_batch(x, self.augment, rng, self.out_shape or x.shape[1:])
-    x = normalise(x, self.normalize)
+    if (x.dtype.kind == "f" or x.dtype == np.uint8) and x.ndim == 4 and self.augment != "none":
+      x = _host_normalise(augment_batch(x, self.augment, rng, self.out_shape or x.shape[1:]),
+                          x.dtype, self.normalize)
+    else:
+      x = _host_normalise(x, x.dtype, self.normalize)
     return {"inputs": np.ascontiguousarray(x[rows]), "labels": y[rows].astype(np.int32)}
 
   def state(self) -> dict[str, int]:
@@ -146,7 +162,7 @@ def eval_batches(dataset: Any, global_batch: int, *, augment: str = "none",
   for start in range(0, n, global_batch):
     idx = np.arange(start, min(start + global_batch, n))
     x, y = dataset.get(idx)
-    x = normalise(eval_transform(x, augment, out_shape or x.shape[1:]), normalize)
+    x = _host_normalise(eval_transform(x, augment, out_shape or x.shape[1:]), x.dtype, normalize)
     pad = global_batch - len(idx)
     mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
     if pad:

@@ -8,7 +8,8 @@ one of these functions runs, never when `mixjax` is imported.
 
 Images are augmented in TensorFlow with stateless ops seeded by (seed, element
 index), mirroring the NumPy augmentations of `augment` ('inception', 'cifar',
-'flip', 'none') and its `NORMALIZE` constants; audio (speech commands) becomes
+'flip', 'none') and its `NORMALIZE` constants; uint8 images that are not
+resized leave as uint8 and are normalised on the device; audio (speech commands) becomes
 log-spectrograms. Text datasets (int32 inputs) are read into memory by
 `tfds_text` and then go through the in-memory iterators.
 """
@@ -101,7 +102,12 @@ def tfds_num_examples(dcfg: Any, split: str) -> int:
 
 
 def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
-  """Returns fn(features) -> (inputs f32, label int32) in TensorFlow."""
+  """Returns fn(features) -> (inputs, label int32) in TensorFlow.
+
+  inputs: uint8 images unless resized ('inception': f32, normalised here) and
+  f32 log-spectrograms for audio; uint8 ones are normalised on the device by
+  `augment.device_normaliser(dcfg.normalize)`, with the same arithmetic.
+  """
   shape = tuple(dcfg.input_shape)
   kind = dcfg.augment
   mean_std = NORMALIZE.get(dcfg.normalize)
@@ -127,15 +133,16 @@ def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
       else:
         image = tf.image.crop_to_bounding_box(image, crop[0], crop[1], crop[2], crop[3])
       image = tf.image.resize(image, shape[:2], method="bilinear")
-    else:
+    else:  # Crops, pads and flips only move pixels: uint8 images stay uint8.
       if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=shape[-1], expand_animations=False)
-      image = tf.cast(image, tf.float32)
       if train and kind == "cifar":
         image = tf.image.pad_to_bounding_box(image, 4, 4, shape[0] + 8, shape[1] + 8)
         image = tf.image.stateless_random_crop(image, shape, seed=seed)
     if train and kind in ("inception", "cifar", "flip"):
       image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    if image.dtype == tf.uint8:  # Normalised on the device (augment.device_normaliser).
+      return tf.ensure_shape(image, shape)
     image = tf.cast(image, tf.float32) / 255.0
     if mean_std is not None:
       image = (image - tf.constant(mean_std[0])) / tf.constant(mean_std[1])
