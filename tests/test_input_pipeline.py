@@ -189,6 +189,25 @@ def test_tsv_and_npz_local_formats(tmp_path):
     ip.load_arrays(_dcfg(name="npz", data_dir=str(tmp_path / "nope")))
 
 
+def test_npz_uint8_images_are_normalised_on_the_0_1_scale(tmp_path):
+  """A named mean/std is for images in [0, 1]: uint8 npz images are scaled by 1/255 first."""
+  raw = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+  for split in ("train", "test"):
+    np.savez(tmp_path / f"{split}.npz", x=raw, y=np.arange(6) % 2)
+  d = ip.load_arrays(_dcfg(name="npz", data_dir=str(tmp_path), input_shape=(4, 4, 3),
+                           num_classes=2, normalize="cifar10"))
+  assert d["train"].inputs.dtype == np.uint8
+  it = ip.TrainIterator(d["train"], 6, seed=0, normalize="cifar10")
+  x = it.batch_at(0)["inputs"]
+  mean, std = (np.asarray(v, np.float64) for v in ip.NORMALIZE["cifar10"])
+  got = np.asarray(ip.device_normaliser("cifar10")(x), np.float64)
+  want = (raw[it.global_indices(0)].astype(np.float64) / 255 - mean) / std
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  per = ip.load_arrays(_dcfg(name="npz", data_dir=str(tmp_path), input_shape=(4, 4, 3),
+                             num_classes=2, normalize="per_dataset"))
+  assert per["train"].inputs.dtype == np.float32 and abs(per["train"].inputs.mean()) < 1e-5
+
+
 def test_tfds_without_tensorflow_gives_install_instructions():
   try:
     import tensorflow_datasets  # noqa: F401

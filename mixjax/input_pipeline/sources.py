@@ -8,7 +8,10 @@ Datasets (`config.dataset.name`):
   synthetic  random data of `input_shape` / `input_dtype` with learnable
              class structure; `train_examples` / `eval_examples` examples.
   npz        local file `{data_dir}/{train_split}.npz` and `{eval_split}.npz`
-             with arrays `x` (N, ...) and `y` int (N,) (e.g. UCI tables).
+             with arrays `x` (N, ...) and `y` int (N,) (e.g. UCI tables); `x`
+             is cast to `input_dtype`, except uint8 images [N, H, W, C], which
+             stay uint8 and are scaled to [0, 1] and normalised on the device
+             as TFDS images are (with 'per_dataset': standardised here).
   tsv        local text files `{data_dir}/{split}.tsv`, one `label<TAB>text`
              per line (TREC, SST-2); a whitespace/punctuation vocabulary of
              `vocab_size` is built from the training split (0 = padding,
@@ -128,8 +131,10 @@ def load_arrays(dcfg: Any, seed: int = 0) -> dict[str, Any]:
         raise ValueError(f"dataset.name='npz': missing {path}; expected arrays 'x' (N, ...) and "
                          "'y' (N,) int class ids (see mixjax/input_pipeline/sources.py).")
       with np.load(path) as f:
-        out[key] = ArrayDataset(f["x"].astype(dcfg.input_dtype), f["y"].astype(np.int32),
-                                dcfg.num_classes)
+        x = f["x"]
+        images = x.dtype == np.uint8 and x.ndim == 4 and dcfg.normalize != "per_dataset"
+        out[key] = ArrayDataset(x if images else x.astype(dcfg.input_dtype),
+                                f["y"].astype(np.int32), dcfg.num_classes)
     if dcfg.normalize == "per_dataset":
       out["train"].inputs, out["eval"].inputs = standardise(out["train"].inputs,
                                                              out["eval"].inputs)
