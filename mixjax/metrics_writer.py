@@ -307,7 +307,7 @@ def final_eval(workdir: Optional[str], step: int) -> Optional[dict[str, Any]]:
   if not evals:
     return None
   rec = evals[-1]
-  keys = ("loss", "top1", "top5", "ece", "fgsm_top1")
+  keys = ("loss", "top1", "top5", "ece", "confidence", "fgsm_top1")
   out = {"eval": {k: rec[k] for k in keys if k in rec},
          "train": next((r for r in reversed(records) if r.get("kind") == "train"), {})}
   if "ema_top1" in rec:

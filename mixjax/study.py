@@ -121,7 +121,8 @@ def summarize(config: ml_collections.ConfigDict, results: list[tuple[Run, dict[s
       cols["error"].append(1.0 - ev["top1"])
       cols["nll"].append(ev["loss"])
       cols["ece"].append(ev["ece"])
-      cols["overconfidence"].append(ev["confidence"] - ev["top1"])
+      if "confidence" in ev:  # Absent from runs logged before it was measured.
+        cols["overconfidence"].append(ev["confidence"] - ev["top1"])
       if "fgsm_top1" in ev:
         cols["fgsm_error"].append(1.0 - ev["fgsm_top1"])
     else:
