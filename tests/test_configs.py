@@ -26,7 +26,6 @@ import train_testlib as lib
 from mixjax import adapters
 from mixjax import config_utils
 from mixjax import from_config
-from mixjax import objectives
 from mixjax import optim
 from mixjax import train_step as ts
 
