@@ -20,6 +20,11 @@ Rows (columns: library, reference, ratio = library / reference):
 - `<model> GFLOP/step`, `<model> MB accessed/step`, `<model> fusions`: XLA's
   cost analysis of the two compiled steps (deterministic; no device needed).
 Times are medians over `--steps` timed steps after one warm-up step each.
+
+`--cost-only` compiles the two steps of each model at the device's sizes on
+whatever backend JAX has (abstract arguments: nothing is initialised or run)
+and prints only the cost rows and each step's compile time, e.g.
+`--device gpu --cost-only` on a CPU host for the GPU suite's batch 256, 224 px.
 """
 
 from __future__ import annotations
@@ -126,6 +131,41 @@ def _reference(model, tx, x, y) -> Timed:
   return Timed(lambda p, s, o, x, y: fn(p, s, o, x, y)[:3], args, 3)
 
 
+def cost_rows(device: str, batch: Optional[int] = None, model_names: tuple[str, ...] = MODELS,
+              dtype: Optional[str] = None) -> list[tuple[str, float, float]]:
+  """The cost rows of each model's library and reference ERM steps, compiled but not run.
+
+  Arguments are abstract (`jax.ShapeDtypeStruct`): no parameter is
+  initialised and no step runs, so the GPU suite's sizes compile on a CPU.
+  """
+  s = dict(SETTINGS[device])
+  b = batch or s["batch"]
+  dtype = jnp.dtype(dtype or s["dtype"])
+  x = jax.ShapeDtypeStruct((b, s["image"], s["image"], 3), dtype)
+  y = jax.ShapeDtypeStruct((b,), jnp.int32)
+  tx = optax.sgd(0.1, momentum=0.9)
+  rows: list[tuple[str, float, float]] = []
+  for name in model_names:
+    zoo, plain = _models(name, s, dtype)
+    variables = jax.eval_shape(functools.partial(zoo.init, train=False), jax.random.key(0), x)
+    state = jax.eval_shape(lambda v: train_step_lib.create_train_state(
+        v, tx, jax.random.key(1), ema=False), variables)
+    step = functools.partial(train_step_lib.train_step, apply=adapters.make_apply(zoo), tx=tx,
+                             objective=objectives.erm(num_classes=s["num_classes"]))
+    lib = reference_models.cost(lambda st, bt: step(st, bt)[0], state,
+                                {"inputs": x, "labels": y})
+    ref_vars = jax.eval_shape(functools.partial(plain.init, train=False), jax.random.key(0), x)
+    params, stats = ref_vars["params"], ref_vars.get("batch_stats", {})
+    ref_fn = reference_models.make_step(plain, tx)
+    ref = reference_models.cost(lambda p, st, o, xx, yy: ref_fn(p, st, o, xx, yy)[:3], params,
+                                stats, jax.eval_shape(tx.init, params), x, y)
+    rows.append((f"{name} GFLOP/step", lib["flops"] / 1e9, ref["flops"] / 1e9))
+    rows.append((f"{name} MB accessed/step", lib["bytes"] / 1e6, ref["bytes"] / 1e6))
+    rows.append((f"{name} fusions", lib["fusions"], ref["fusions"]))
+    rows.append((f"{name} compile s", lib["compile_s"], ref["compile_s"]))
+  return rows
+
+
 def methods(num_classes: int) -> list[tuple[str, Any]]:
   """(name, objective) of every method, ERM first."""
   mix = objectives.mixup(policies.mixup(1.0), num_classes=num_classes)
@@ -158,12 +198,13 @@ def mixing_bandwidth(x: jax.Array, steps: int) -> tuple[float, float]:
 
 def run(device: str, steps: Optional[int] = None, peak_tflops: Optional[float] = None,
         batch: Optional[int] = None, model_names: tuple[str, ...] = MODELS,
-        method_names: Optional[tuple[str, ...]] = None) -> list[tuple[str, float, float]]:
+        method_names: Optional[tuple[str, ...]] = None, dtype: Optional[str] = None
+        ) -> list[tuple[str, float, float]]:
   """The table's rows (name, library, reference) on the default backend at `device`'s sizes."""
   s = dict(SETTINGS[device])
   steps = steps or s["steps"]
   b = batch or s["batch"]
-  dtype = jnp.dtype(s["dtype"])
+  dtype = jnp.dtype(dtype or s["dtype"])
   x = jax.random.normal(jax.random.key(0), (b, s["image"], s["image"], 3), dtype)
   y = jax.random.randint(jax.random.key(1), (b,), 0, s["num_classes"])
   tx = optax.sgd(0.1, momentum=0.9)
@@ -223,6 +264,12 @@ def main(argv=None):
                   help="peak dense TFLOP/s per device for MFU (default: by device kind)")
   ap.add_argument("--models", default=",".join(MODELS),
                   help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                  help="override the device's compute dtype (XLA:CPU handles bfloat16 by "
+                       "converting, so CPU cost rows are closest to a GPU's in float32)")
+  ap.add_argument("--cost-only", action="store_true",
+                  help="compile the models' steps at the device's sizes on any backend and print "
+                       "only XLA's cost rows and compile times (nothing runs)")
   ap.add_argument("--methods", default=None,
                   help="comma-separated subset of the methods' rows (default: all)")
   args = ap.parse_args(argv)
@@ -236,13 +283,18 @@ def main(argv=None):
     ap.error(f"--methods {sorted(set(method_names) - set(all_methods))}: choose from "
              f"{all_methods}")
   backend = jax.default_backend()
-  if args.device == "gpu" and backend != "gpu":
+  if args.device == "gpu" and backend != "gpu" and not args.cost_only:
     ap.error(f"--device gpu needs a GPU backend; JAX runs on {backend!r}. Use --device cpu.")
   t0 = time.perf_counter()
-  rows = run(args.device, args.steps, args.peak_tflops, args.batch, model_names, method_names)
+  if args.cost_only:
+    rows = cost_rows(args.device, args.batch, model_names, args.dtype)
+  else:
+    rows = run(args.device, args.steps, args.peak_tflops, args.batch, model_names, method_names,
+               args.dtype)
   s = SETTINGS[args.device]
-  header = (f"device: {jax.devices()[0].device_kind}  batch: {args.batch or s['batch']}  "
-            f"image: {s['image']}  dtype: {s['dtype']}  wall: {time.perf_counter() - t0:.0f} s")
+  header = (f"{'cost only, ' if args.cost_only else ''}sizes: --device {args.device}  "
+            f"device: {jax.devices()[0].device_kind}  batch: {args.batch or s['batch']}  "
+            f"image: {s['image']}  dtype: {args.dtype or s['dtype']}  wall: {time.perf_counter() - t0:.0f} s")
   print(table(rows, header))
 
 

@@ -108,6 +108,33 @@ def test_suite_cpu(capsys):
   assert "choose from" in capsys.readouterr().err
 
 
+def test_suite_cost_only_compiles_without_running(capsys, monkeypatch):
+  # Abstract arguments: nothing may be initialised or executed, only lowered and compiled.
+  from mixjax import train_step
+  monkeypatch.setattr(train_step, "create_train_state",
+                      _no_concrete(train_step.create_train_state))
+  _main("suite")(["--device", "cpu", "--cost-only", "--models", "vit_b16", "--batch", "2"])
+  out = capsys.readouterr().out
+  assert "cost only" in out and "dtype: float32" in out
+  rows = _rows(out)
+  rows.pop("row")
+  assert set(rows) == {f"vit_b16 {r}" for r in ("GFLOP/step", "MB accessed/step", "fusions",
+                                                "compile s")}, sorted(rows)
+  for cells in rows.values():
+    lib, ref, ratio = (_number(c) for c in cells)
+    assert lib > 0 and ref > 0 and math.isfinite(ratio), cells
+
+
+def _no_concrete(fn):
+  """`fn`, refusing concrete (non-traced) array arguments."""
+  import jax
+
+  def wrapped(variables, *args, **kwargs):
+    assert all(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(variables))
+    return fn(variables, *args, **kwargs)
+  return wrapped
+
+
 def test_coeff_sharing(capsys):
   _main("coeff_sharing")(["--model", "digits_cnn", "--image-size", "8", "--batch", "4",
                           "--devices", "2"])

@@ -69,12 +69,14 @@ def test_inception_batches_have_the_configured_shape_and_are_normalised(data_dir
   d = _dcfg(data_dir)
   assert ip.tfds_num_examples(d, "train") == NUM_TRAIN
   (batch,) = _take(ip.TfdsTrainIterator(d, 8, seed=0), 1)
-  assert batch["inputs"].shape == (8, 16, 16, 3) and batch["inputs"].dtype == np.float32
+  # The resize is rounded back to uint8; the device half normalises it.
+  assert batch["inputs"].shape == (8, 16, 16, 3) and batch["inputs"].dtype == np.uint8
   assert batch["labels"].shape == (8,) and batch["labels"].dtype == np.int32
   assert set(batch["labels"]) <= set(range(NUM_CLASSES))
+  x = np.asarray(ip.device_normaliser(d.normalize)(batch["inputs"]))
   # ImageNet mean/std normalisation of uniform noise: mean near 0, values in a bounded range.
-  assert np.all(np.isfinite(batch["inputs"])) and np.abs(batch["inputs"]).max() < 3.0
-  assert abs(float(batch["inputs"].mean())) < 0.5
+  assert np.all(np.isfinite(x)) and np.abs(x).max() < 3.0
+  assert abs(float(x.mean())) < 0.5
 
 
 def test_stream_is_deterministic_and_resumes_by_step(data_dir):
@@ -131,15 +133,26 @@ def test_unresized_images_cross_as_uint8_and_normalise_on_device_as_tf_did(data_
             normalize="cifar10")
   (batch,) = _take(ip.TfdsTrainIterator(d, 8, seed=0), 1)
   (ev, _) = list(ip.tfds_eval_batches(d, 4))
+  ev_raw = ev
   mean, std = ip.NORMALIZE["cifar10"]
   for x in (batch["inputs"], ev["inputs"]):
     assert x.dtype == np.uint8
     host = ((tf.cast(x, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)).numpy()
     np.testing.assert_allclose(jax.jit(ip.device_normaliser("cifar10"))(x), host, rtol=0,
                                atol=1e-6)
-  # Resized (Inception) images are still normalised in TensorFlow.
-  (resized,) = _take(ip.TfdsTrainIterator(_dcfg(data_dir), 8, seed=0), 1)
-  assert resized["inputs"].dtype == np.float32
+  # Resized (Inception) images: TF's float resize rounded to uint8, normalised on the device
+  # within half a grey level of TF normalising the unrounded resize.
+  d = _dcfg(data_dir, name="tiny_png", augment="inception", input_shape=(16, 16, 3),
+            normalize="cifar10")
+  (ev, _) = list(ip.tfds_eval_batches(d, 4))
+  assert ev["inputs"].dtype == np.uint8
+  raw = tf.constant(ev_raw["inputs"])  # The same images, unresized (augment='cifar' at eval).
+  side = int(0.875 * 32)
+  crop = tf.image.crop_to_bounding_box(raw, (32 - side) // 2, (32 - side) // 2, side, side)
+  host = ((tf.image.resize(crop, (16, 16), method="bilinear") / 255.0 - tf.constant(mean))
+          / tf.constant(std)).numpy()
+  got = np.asarray(jax.jit(ip.device_normaliser("cifar10"))(ev["inputs"]))
+  np.testing.assert_allclose(got, host, rtol=0, atol=0.5 / 255 / min(std) + 1e-6)
 
 
 def test_label_corruption_changes_a_fixed_fraction_of_training_labels_only(data_dir):

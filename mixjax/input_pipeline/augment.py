@@ -6,8 +6,8 @@ aspect 3/4-4/3 crop, bilinear resize, flip; eval: 87.5% centre crop),
 parameters of a batch come from one `np.random.Generator`, in a fixed order.
 `NORMALIZE` holds per-channel (mean, std) of images scaled to [0, 1]; the TFDS
 path (`tfds_data`) uses the same constants. uint8 images stay uint8 through
-the exact augmentations ('flip', 'cifar', 'none') and cross to the device as
-uint8 (4x fewer bytes than float32); `device_normaliser` is the half of the
+the augmentations ('flip', 'cifar', 'none' exactly; 'inception' rounds its
+resize) and cross to the device as uint8 (4x fewer bytes than float32); `device_normaliser` is the half of the
 pipeline that the jitted train and eval steps run on them.
 """
 
@@ -53,6 +53,18 @@ def _bilinear_crops(images: np.ndarray, top: np.ndarray, left: np.ndarray, h: np
   return out
 
 
+def _like_source(resized: np.ndarray, source_dtype: Any) -> np.ndarray:
+  """Resized f32 pixels back to uint8 (rounded) if the source was uint8, as PIL/timm and big_vision do.
+
+  Bilinear interpolation of uint8 values stays in [0, 255]; rounding moves a
+  pixel by at most 0.5 / 255 of the range, and the batch crosses to the device
+  at a quarter of the float32 bytes (normalised there by `device_normaliser`).
+  """
+  if source_dtype != np.uint8:
+    return resized
+  return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
 def inception_boxes(rng: np.random.Generator, n: int, height: int, width: int,
                     area: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -81,9 +93,9 @@ def augment_batch(images: np.ndarray, kind: str, rng: np.random.Generator,
                   out_shape: tuple[int, ...]) -> np.ndarray:
   """Training augmentation of a batch of images f32[B, H, W, C] -> f32[B, *out_shape].
 
-  uint8 images stay uint8 under 'flip' and 'cifar' (pixels are only moved or
-  zero-padded); 'inception' (bilinear resize) gives float32 on the same
-  [0, 255] scale. The random parameters come from `rng` for the whole batch,
+  uint8 images stay uint8: 'flip' and 'cifar' only move or zero-pad pixels,
+  and 'inception' rounds its bilinear resize back to uint8 (float images
+  stay float32, unrounded). The random parameters come from `rng` for the whole batch,
   in a fixed order.
   """
   if kind == "none" or images.ndim != 4:
@@ -91,7 +103,8 @@ def augment_batch(images: np.ndarray, kind: str, rng: np.random.Generator,
   b, height, width = images.shape[:3]
   if kind == "inception":
     top, left, h, w = inception_boxes(rng, b, height, width)
-    images = _bilinear_crops(images, top, left, h, w, out_shape[0], out_shape[1])
+    images = _like_source(_bilinear_crops(images, top, left, h, w, out_shape[0], out_shape[1]),
+                          images.dtype)
   elif kind == "cifar":
     pad = 4
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -107,14 +120,17 @@ def augment_batch(images: np.ndarray, kind: str, rng: np.random.Generator,
 
 
 def eval_transform(images: np.ndarray, kind: str, out_shape: tuple[int, ...]) -> np.ndarray:
-  """Eval preprocessing: 87.5% centre crop + resize for 'inception', else identity."""
+  """Eval preprocessing: 87.5% centre crop + resize for 'inception', else identity.
+
+  uint8 images stay uint8 (the resize is rounded, as in `augment_batch`).
+  """
   if kind != "inception" or images.ndim != 4:
     return images
   b, height, width = images.shape[:3]
   h, w = int(round(0.875 * height)), int(round(0.875 * width))
   full = lambda v: np.full(b, v, np.int64)  # noqa: E731
-  return _bilinear_crops(images, full((height - h) // 2), full((width - w) // 2), full(h),
-                         full(w), out_shape[0], out_shape[1])
+  return _like_source(_bilinear_crops(images, full((height - h) // 2), full((width - w) // 2),
+                                      full(h), full(w), out_shape[0], out_shape[1]), images.dtype)
 
 
 def _check_name(name: str) -> None:

@@ -8,8 +8,8 @@ one of these functions runs, never when `mixjax` is imported.
 
 Images are augmented in TensorFlow with stateless ops seeded by (seed, element
 index), mirroring the NumPy augmentations of `augment` ('inception', 'cifar',
-'flip', 'none') and its `NORMALIZE` constants; uint8 images that are not
-resized leave as uint8 and are normalised on the device; audio (speech commands) becomes
+'flip', 'none') and its `NORMALIZE` constants; uint8 images (resized ones
+rounded back to uint8) leave as uint8 and are normalised on the device; audio (speech commands) becomes
 log-spectrograms. Text datasets (int32 inputs) are read into memory by
 `tfds_text` and then go through the in-memory iterators.
 """
@@ -104,9 +104,11 @@ def tfds_num_examples(dcfg: Any, split: str) -> int:
 def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
   """Returns fn(features) -> (inputs, label int32) in TensorFlow.
 
-  inputs: uint8 images unless resized ('inception': f32, normalised here) and
-  f32 log-spectrograms for audio; uint8 ones are normalised on the device by
-  `augment.device_normaliser(dcfg.normalize)`, with the same arithmetic.
+  inputs: uint8 images (decoded JPEGs and uint8 arrays; 'inception' rounds its
+  bilinear resize back to uint8, as PIL-based pipelines do) and f32
+  log-spectrograms for audio; uint8 images are normalised on the device by
+  `augment.device_normaliser(dcfg.normalize)`, with the same arithmetic as the
+  host's float path below.
   """
   shape = tuple(dcfg.input_shape)
   kind = dcfg.augment
@@ -115,8 +117,13 @@ def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
   def image_fn(features, seed):
     image = features["image"]
     if kind == "inception":
-      if image.dtype == tf.string:
-        img_shape = tf.io.extract_jpeg_shape(image)
+      encoded = image.dtype == tf.string
+      if encoded:  # JPEGs are decoded only inside the crop; PNGs and others whole.
+        is_jpeg = tf.io.is_jpeg(image)
+        decode = lambda: tf.io.decode_image(image, channels=shape[-1],  # noqa: E731
+                                            expand_animations=False)
+        img_shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(image),
+                            lambda: tf.shape(decode()))
       else:
         img_shape = tf.shape(image)
       if train:
@@ -128,11 +135,18 @@ def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
         h, w = img_shape[0], img_shape[1]
         side = tf.cast(0.875 * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
         crop = tf.stack([(h - side) // 2, (w - side) // 2, side, side])
-      if image.dtype == tf.string:
-        image = tf.image.decode_and_crop_jpeg(image, crop, channels=shape[-1])
+      if encoded:
+        image = tf.cond(is_jpeg,
+                        lambda: tf.image.decode_and_crop_jpeg(image, crop, channels=shape[-1]),
+                        lambda: tf.image.crop_to_bounding_box(decode(), crop[0], crop[1],
+                                                              crop[2], crop[3]))
+        image.set_shape([None, None, shape[-1]])
       else:
         image = tf.image.crop_to_bounding_box(image, crop[0], crop[1], crop[2], crop[3])
+      source = image.dtype
       image = tf.image.resize(image, shape[:2], method="bilinear")
+      if source == tf.uint8:  # Rounded back to uint8, as augment._like_source does.
+        image = tf.saturate_cast(tf.round(image), tf.uint8)
     else:  # Crops, pads and flips only move pixels: uint8 images stay uint8.
       if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=shape[-1], expand_animations=False)
