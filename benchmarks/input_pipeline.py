@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py [--size 224] [--batch 64] [--steps 5]
 
 1. ImageNet-style augmentation (Inception crop + bilinear resize + flip) of
-   the NumPy pipeline on synthetic uint8-range float images, one CPU core
+   the NumPy pipeline on synthetic uint8 images (out as uint8), one CPU core
    (this process, single-threaded NumPy): images/s per core. Also CIFAR
    pad-crop-flip at 32x32.
 2. The TFDS path as `train.py` runs it for ImageNet (tf.data: read TFRecords,
@@ -48,10 +48,10 @@ def bench_augment(size: int, batch: int, repeats: int) -> list[tuple[str, float]
   from mixjax import input_pipeline as ip
   rng = np.random.default_rng(0)
   rows = []
-  src = (rng.uniform(0, 255, (batch, int(size * 1.14), int(size * 1.14), 3))).astype(np.float32)
+  src = rng.integers(0, 256, (batch, int(size * 1.14), int(size * 1.14), 3), dtype=np.uint8)
   for name, x, kind, out in (
       (f"inception {src.shape[1]}->{size}", src, "inception", (size, size, 3)),
-      ("cifar pad-crop-flip 32", rng.normal(size=(batch, 32, 32, 3)).astype(np.float32), "cifar",
+      ("cifar pad-crop-flip 32", rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8), "cifar",
        (32, 32, 3))):
     ip.augment_batch(x[:2], kind, rng, out)  # warm-up
     t = time.perf_counter()

@@ -170,9 +170,11 @@ def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, par
   """(f32[] global gradient norm, bool[] loss, gradient norm and update norm all finite).
 
   One read of the gradients and optimizer state, and one reduction per
-  distinct leaf size: leaves of the same size are summed elementwise
-  (g1^2 + g2^2 + ...) inside one variadic reduce that sums g^2 and u^2
-  together, where the update u is recomputed elementwise from the gradient
+  power-of-two size class of the leaves (`_bucket`): the leaves of a class
+  are zero-padded to its size and summed elementwise (g1^2 + g2^2 + ...)
+  inside one variadic reduce that sums g^2 and u^2 together (the padding is
+  fused: no leaf is copied, and a reduce evaluates at most twice the elements
+  it reads), where the update u is recomputed elementwise from the gradient
   and optimizer state. The optimization barrier keeps XLA from sharing that
   recomputation with the update that is applied later, which would make it
   write the whole update tree to memory and read it back. A non-finite
@@ -182,11 +184,14 @@ def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, par
   updates, _ = tx.update(*jax.lax.optimization_barrier((grads, opt_state, params)))
   by_size: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
   for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(updates)):
-    by_size.setdefault(g.size, []).append((g, u))
+    by_size.setdefault(_bucket(g.size), []).append((g, u))
   zero = jnp.zeros((), jnp.float32)
-  sq = lambda xs: sum(jnp.square(x.astype(jnp.float32)).ravel() for x in xs)  # noqa: E731
-  sums = jnp.stack([s for p in by_size.values() for s in jax.lax.reduce(
-      (sq(g for g, _ in p), sq(u for _, u in p)), (zero, zero),
+
+  def sq(xs, n):  # sum_i pad(x_i^2) over leaves of up to n elements: f32[n], fused in the reduce.
+    return sum(jnp.pad(jnp.square(x.astype(jnp.float32)).ravel(), (0, n - x.size)) for x in xs)
+
+  sums = jnp.stack([s for n, p in by_size.items() for s in jax.lax.reduce(
+      (sq([g for g, _ in p], n), sq([u for _, u in p], n)), (zero, zero),
       lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))]).reshape(-1, 2)
   # Added by a dot, which XLA does not fuse into the update: each update fusion
   # then takes the two totals instead of re-adding one sum per leaf size.
@@ -194,6 +199,11 @@ def _grad_norm_and_finite(loss: jax.Array, grads: PyTree, opt_state: PyTree, par
                        precision=jax.lax.Precision.HIGHEST)  # Full f32 on TPU/GPU too.
   grad_norm = jnp.sqrt(g_sq)
   return grad_norm, jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(u_sq)
+
+
+def _bucket(size: int) -> int:
+  """The smallest power of two >= size (a leaf's size class in `_grad_norm_and_finite`)."""
+  return 1 << max(0, int(size) - 1).bit_length()
 
 
 def eval_step(variables: PyTree, batch: Batch, *, apply: adapters.ApplyFn,

@@ -118,8 +118,9 @@ def test_suite_cost_only_compiles_without_running(capsys, monkeypatch):
   assert "cost only" in out and "dtype: float32" in out
   rows = _rows(out)
   rows.pop("row")
-  assert set(rows) == {f"vit_b16 {r}" for r in ("GFLOP/step", "MB accessed/step", "fusions",
-                                                "compile s")}, sorted(rows)
+  assert set(rows) == {f"vit_b16 {r}" for r in (
+      "GFLOP/step", "MB accessed/step", "fusions", "compile s",
+      "MB accessed/step, zoo model in both", "fusions, zoo model in both")}, sorted(rows)
   for cells in rows.values():
     lib, ref, ratio = (_number(c) for c in cells)
     assert lib > 0 and ref > 0 and math.isfinite(ratio), cells
