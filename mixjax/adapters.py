@@ -13,7 +13,8 @@ Adapters here:
 - `make_apply(module)`: a linen module called as `module(x, train=...)` (a
   `LinenApply`, which also runs the model split at any hidden point);
 - `make_apply_fn(fn)`: a plain `fn(params, x) -> outputs` (input mixing only);
-- `make_nnx_apply(model)`: a `flax.nnx` model, returning `(apply, variables)`;
+- `make_nnx_apply(model)`: a `flax.nnx` model, returning `(apply, variables)`
+  (an `NnxApply`, which also runs the model split at any hidden point);
 - `SplitApply` / `make_split_apply` / `split_apply_fn`: a model split into
   `encode` and `head` at a named point, so that passes which re-mix at that
   point (AMP's lambda passes) re-run the head only;
@@ -210,7 +211,112 @@ def nnx_call_hook(hook: Callable[[Any], Any]) -> Iterator[None]:
     _NNX_HOOKS.reset(token)
 
 
-def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class NnxApply:
+  """The `ApplyFn` of a `flax.nnx` model (`make_nnx_apply`).
+
+  Also runs the model split at any hidden mixing point, the model unchanged
+  (`run_encoder` / `run_head`, through `hidden.nnx_capture_below` /
+  `hidden.nnx_inject_at`), so that passes which re-mix at that point (AMP's
+  lambda passes) run only the layers above it, as `LinenApply` does.
+  graphdef / rng_keys: `nnx.split(model, nnx.Param, nnx.RngKey, ...)`'s
+  graph definition and RNG keys.
+  """
+  graphdef: Any
+  rng_keys: PyTree
+  train: bool = True
+
+  def _model(self, params: PyTree, nnx_state: PyTree, key: Optional[jax.Array]) -> Any:
+    """A fresh merged model: RNG keys folded from `key`, in train or eval mode."""
+    from flax import nnx
+    keys = _fresh(self.rng_keys)
+    if key is not None:
+      leaves, treedef = jax.tree_util.tree_flatten(keys)
+      keys = jax.tree_util.tree_unflatten(
+          treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+    m = nnx.merge(self.graphdef, _fresh(params), keys, _fresh(nnx_state))
+    m.train() if self.train else m.eval()
+    return m
+
+  @staticmethod
+  def _run(m: Any, inputs: PyTree, inner: Callable[[], Any]) -> tuple[Any, PyTree]:
+    """`m(inputs)` inside the `nnx_call_hook` hooks and then `inner()`: (outputs, new state)."""
+    from flax import nnx
+    with contextlib.ExitStack() as stack:
+      for hook in _NNX_HOOKS.get():
+        stack.enter_context(hook(m))
+      stack.enter_context(inner())
+      out = m(inputs)
+    _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
+    return out, {"nnx_state": new_rest}
+
+  def __call__(self, variables: PyTree, inputs: PyTree, *, key: Optional[jax.Array] = None,
+               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
+    m = self._model(variables["params"], variables["nnx_state"], key)
+    if mix is not None and mix.point is None:
+      inputs = mix.mix(inputs)
+    ctx = ((lambda: hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
+                                      axis_name=mix.axis_name))
+           if mix is not None and mix.point is not None else contextlib.nullcontext)
+    return self._run(m, inputs, ctx)
+
+  def encodes_at(self, point: Optional[str]) -> bool:
+    """Whether `run_encoder` can stop at `point` (any submodule path)."""
+    return point is not None
+
+  def run_encoder(self, variables: PyTree, inputs: PyTree, key: Optional[jax.Array],
+                  point: Optional[str] = None) -> Optional[Encoded]:
+    """The layers below the submodule at `point`: `Encoded`, or None if it is called more than once.
+
+    One pass of the whole model (XLA drops the layers above `point`, whose
+    results are unused). `h` is the submodule's output, `state`
+    `{'nnx_state': ...}` right after its call (the updates of the layers
+    below `point` only, and the RNG counters the layers above start from).
+    Raises ValueError (listing the attribute paths) if no callable submodule
+    is at `point` or it is not called.
+    """
+    if point is None:
+      raise ValueError("NnxApply.run_encoder needs a hidden point (a submodule path).")
+    m = self._model(variables["params"], variables["nnx_state"], key)
+    graph = hidden.nnx_graph(m)  # Walked before the hooks swap any layer.
+    capture = []
+
+    @contextlib.contextmanager
+    def inner():
+      with hidden.nnx_capture_below(m, point, graph) as cap:
+        capture.append(cap)
+        yield
+
+    self._run(m, inputs, inner)
+    cap = capture[0]
+    if cap.calls == 0:
+      raise ValueError(f"The NNX submodule at path {point!r} was not called; attribute paths "
+                       f"of this model: {graph.paths()}.")
+    if cap.calls > 1:  # The later calls see the mixed first one: no split there.
+      return None
+    state = {"nnx_state": cap.state}
+    return Encoded(cap.h, {**variables, **state}, state, tuple(cap.below), inputs)
+
+  def run_head(self, encoded: Encoded, key: Optional[jax.Array],
+               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
+    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all)."""
+    if mix is None or mix.point is None:
+      raise ValueError("NnxApply.run_head needs the MixSpec of the hidden point the encoder "
+                       "stopped at.")
+    variables = encoded.head_variables
+    m = self._model(variables["params"], variables["nnx_state"], key)
+    graph = hidden.nnx_graph(m)
+    h = mix.mix(encoded.h)
+    return self._run(m, encoded.inputs,
+                     lambda: hidden.nnx_inject_at(m, mix.point, h, encoded.below, graph))
+
+
+def _fresh(tree: PyTree) -> PyTree:
+  """A copy of an `nnx.State` with fresh Variables (a merged model must not share them)."""
+  return jax.tree_util.tree_map(lambda a: a, tree)
+
+
+def make_nnx_apply(model: Any, train: bool = True) -> tuple[NnxApply, PyTree]:
   """An `ApplyFn` and its initial variables for a `flax.nnx` model.
 
   Returns `(apply, variables)` with `variables = {'params': nnx.State of
@@ -218,34 +324,14 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
   model state returned by `apply` is `{'nnx_state': ...}`. The model's RNG keys
   are replaced by keys folded from `key` (so dropout is a pure function of
   it); `train` selects `model.train()` or `model.eval()` behaviour. Hidden
-  mixing points are attribute paths such as 'blocks/2' (`hidden.nnx_mix_at`).
+  mixing points are attribute paths such as 'blocks/2' (`hidden.nnx_mix_at`);
+  the returned `NnxApply` also runs the model split at them (AMP's lambda
+  passes then re-run only the layers above the point).
   """
   from flax import nnx
 
   graphdef, params, rng_keys, rest = nnx.split(model, nnx.Param, nnx.RngKey, ...)
-  copy = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # noqa: E731  (fresh Variables)
-
-  def apply(variables, inputs, *, key=None, mix: Optional[MixSpec] = None):
-    keys = copy(rng_keys)
-    if key is not None:
-      leaves, treedef = jax.tree_util.tree_flatten(keys)
-      keys = jax.tree_util.tree_unflatten(
-          treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
-    m = nnx.merge(graphdef, copy(variables["params"]), keys, copy(variables["nnx_state"]))
-    m.train() if train else m.eval()
-    if mix is not None and mix.point is None:
-      inputs = mix.mix(inputs)
-    ctx = (hidden.nnx_mix_at(m, mix.point, mix.lam, mix.perm, mesh=mix.mesh,
-                             axis_name=mix.axis_name)
-           if mix is not None and mix.point is not None else contextlib.nullcontext())
-    with ctx, contextlib.ExitStack() as hooks:
-      for hook in _NNX_HOOKS.get():
-        hooks.enter_context(hook(m))
-      out = m(inputs)
-    _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngKey, ...)
-    return out, {"nnx_state": new_rest}
-
-  return apply, {"params": params, "nnx_state": rest}
+  return NnxApply(graphdef, rng_keys, train), {"params": params, "nnx_state": rest}
 
 
 # ----------------------------------------------------------------------------
@@ -255,9 +341,10 @@ def make_nnx_apply(model: Any, train: bool = True) -> tuple[ApplyFn, PyTree]:
 class Encoded(NamedTuple):
   """The encoder's output: h (f[B, ...] pytree), variables for the head, encoder's new state.
 
-  below, inputs: for a `LinenApply` (a linen model split by interception), the
-  outputs of the calls below the point and the model's inputs, which its head
-  pass replays (`hidden.inject_at`); unused by a `SplitApply`.
+  below, inputs: for a `LinenApply` or `NnxApply` (a model split by
+  interception or stand-ins), the outputs of the calls below the point and the
+  model's inputs, which its head pass replays (`hidden.inject_at`,
+  `hidden.nnx_inject_at`); unused by a `SplitApply`.
   """
   h: PyTree
   head_variables: PyTree

@@ -216,8 +216,9 @@ class Amp(objectives.Wrapper):
   def fast_path(self, apply: adapters.ApplyFn) -> bool:
     """Whether the layers below the mixing point run once.
 
-    They do for a `SplitApply` mixed at its split point and for a linen model
-    (`adapters.make_apply`) mixed at any hidden point.
+    They do for a `SplitApply` mixed at its split point and for a linen or
+    NNX model (`adapters.make_apply`, `adapters.make_nnx_apply`) mixed at any
+    hidden point.
     """
     encodes_at = getattr(apply, "encodes_at", None)
     return encodes_at is not None and encodes_at(self.point)

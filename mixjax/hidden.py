@@ -9,12 +9,17 @@ a wrapper for the duration of the block. Neither needs the model's code changed:
 
 `capture_below` and `inject_at` split a linen pass at a submodule: one pass
 records what the layers below it compute, later passes start at it.
+`nnx_capture_below` and `nnx_inject_at` do the same for an NNX model: for the
+duration of the block every callable submodule (all depths, `nnx_graph`) is
+swapped for a stand-in that routes its `__call__` (other attributes are the
+module's), and the capture also snapshots the model's non-Param, non-RngKey
+state right after the point's call, which the second pass starts from.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -229,3 +234,196 @@ def nnx_mix_at(model: Any, path: Path, lam: Any, perm: jax.Array, *,
     yield
   finally:
     set_child(parent, parts[-1], inner)
+
+
+# ----------------------------------------------------------------------------
+# Splitting an NNX pass at a submodule (the counterparts of `capture_below` / `inject_at`).
+
+
+class NnxGraph(NamedTuple):
+  """Where an NNX model's callable submodules and its non-Param, non-RngKey variables are.
+
+  modules: `(path, parent, name)` of every callable submodule (all depths,
+    `nnx.iter_graph` order; `name` an attribute or a list index as a string).
+  state: `(path, nnx.Variable)` of the variables an NNX pass may update
+    (batch statistics, RNG counters): what a capture snapshots.
+  """
+  modules: tuple[tuple[tuple[str, ...], Any, str], ...]
+  state: tuple[tuple[tuple[Any, ...], Any], ...]
+
+  def paths(self) -> list[str]:
+    """The submodule paths, sorted: e.g. ['blocks/0', 'blocks/0/conv', ...]."""
+    return sorted("/".join(p) for p, _, _ in self.modules)
+
+
+def nnx_graph(model: Any) -> NnxGraph:
+  """`NnxGraph` of `model`: walk it before any submodule is swapped for a stand-in.
+
+  (`nnx.iter_graph` does not see through stand-ins, e.g. those of
+  `adapters.nnx_call_hook` hooks, so a pass that uses both walks first.)
+  """
+  from flax import nnx
+  nodes, modules, state = {}, [], []
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      if not isinstance(node, (nnx.Param, nnx.RngKey)):
+        state.append((tuple(path), node))
+    else:
+      nodes[tuple(str(p) for p in path)] = node
+  for path, node in nodes.items():
+    if path and isinstance(node, nnx.Module) and callable(node):
+      modules.append((path, nodes[path[:-1]], path[-1]))
+  return NnxGraph(tuple(modules), tuple(state))
+
+
+class _Stand:
+  """Stands in for an NNX submodule: its calls go to `route(path, inner, args, kwargs)`.
+
+  Other attributes (and indexing, iteration, len) are the inner module's.
+  """
+
+  def __init__(self, inner: Any, path: tuple[str, ...], route: Any):
+    self._stand = (inner, path, route)
+
+  def __call__(self, *args, **kwargs):
+    inner, path, route = self._stand
+    return route(path, inner, args, kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    if name == "_stand":
+      raise AttributeError(name)
+    return getattr(self._stand[0], name)
+
+  def __getitem__(self, index):
+    return self._stand[0][index]
+
+  def __iter__(self):
+    return iter(self._stand[0])
+
+  def __len__(self):
+    return len(self._stand[0])
+
+
+@contextlib.contextmanager
+def _nnx_routed(graph: NnxGraph, route: Any) -> Iterator[None]:
+  """Every submodule of `graph` replaced by a `_Stand` calling `route` while active.
+
+  Restored on exit, also on error. The module swapped is whatever is at the
+  attribute now (it may be another stand-in, e.g. an `nnx_call_hook`'s).
+  """
+  swapped = []
+  try:
+    for path, parent, name in graph.modules:
+      inner = child(parent, name)
+      set_child(parent, name, _Stand(inner, path, route))
+      swapped.append((parent, name, inner))
+    yield
+  finally:
+    for parent, name, inner in reversed(swapped):
+      set_child(parent, name, inner)
+
+
+def _nnx_target(graph: NnxGraph, path: Path) -> tuple[str, ...]:
+  """`path` normalised; ValueError listing the model's submodule paths if it names none."""
+  target = normalize_path(path)
+  if target not in {p for p, _, _ in graph.modules}:
+    raise ValueError(f"No callable NNX submodule at path {'/'.join(target)!r}; attribute paths "
+                     f"of this model: {graph.paths()}.")
+  return target
+
+
+class NnxCapture(Capture):
+  """What an NNX pass computes below the submodule at a path (`nnx_capture_below`).
+
+  h, below, calls: as `Capture` (`variables` stays empty). state: an
+  `nnx.State` of the model's non-Param, non-RngKey variables right after the
+  point's call (the batch-statistics updates and RNG counters of the layers
+  below it; the layout of `nnx.split(model, nnx.Param, nnx.RngKey, ...)`'s
+  last part), None if the point was not reached.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.state: Any = None
+
+
+def _nnx_snapshot(graph: NnxGraph) -> Any:
+  """An `nnx.State` of copies of `graph.state`'s variables with their current values."""
+  from flax import nnx
+  return nnx.from_flat_state([(p, v.replace(v.get_value())) for p, v in graph.state])
+
+
+@contextlib.contextmanager
+def nnx_capture_below(model: Any, path: Path, graph: Optional[NnxGraph] = None
+                      ) -> Iterator[NnxCapture]:
+  """Within the block, records what a pass of the NNX `model` computes below `path`.
+
+  The pass runs unchanged (every submodule's `__call__` goes through a
+  stand-in; the model is restored on exit, also on error). Yields an
+  `NnxCapture`, filled as the pass runs. Roles as `capture_below`'s: the
+  ancestors of the point run, the top-level calls below it (those not nested
+  in another such call) are recorded. Only `__call__`s are seen: other
+  methods of submodules run as usual. `graph`: `nnx_graph(model)` walked
+  earlier (default: now). With `nnx_inject_at` it lets a second pass start
+  at `path`. Raises ValueError (listing the attribute paths) if `path` names
+  no callable submodule.
+  """
+  graph = nnx_graph(model) if graph is None else graph
+  target = _nnx_target(graph, path)
+  cap = NnxCapture()
+  depth, done = [0], [False]
+
+  def route(here, inner, args, kwargs):
+    role = _role(here, "__call__", target)
+    cap.calls += role == "point"
+    if done[0] or depth[0] or role == "run":
+      return inner(*args, **kwargs)
+    depth[0] += 1
+    try:
+      out = inner(*args, **kwargs)
+    finally:
+      depth[0] -= 1
+    if role == "point":
+      cap.h, cap.state, done[0] = out, _nnx_snapshot(graph), True
+    else:
+      cap.below.append(out)
+    return out
+
+  with _nnx_routed(graph, route):
+    yield cap
+
+
+@contextlib.contextmanager
+def nnx_inject_at(model: Any, path: Path, h: Any, below: Sequence[Any],
+                  graph: Optional[NnxGraph] = None) -> Iterator[None]:
+  """Within the block, a pass of the NNX `model` starts at the submodule at `path`: it outputs `h`.
+
+  As `inject_at`: the submodule does not run, and the top-level calls below
+  it return `below` (from `nnx_capture_below`, in order) without running.
+  Start the pass from the capture's `state` so that the layers above see the
+  encoder's batch-statistics updates and RNG counters. The model is restored
+  on exit, also on error. Raises ValueError if `path` names no callable
+  submodule, or on exit if the pass's calls do not match the capture's.
+  """
+  graph = nnx_graph(model) if graph is None else graph
+  target = _nnx_target(graph, path)
+  replayed, hit = [0], [False]
+
+  def route(here, inner, args, kwargs):
+    role = _role(here, "__call__", target)
+    if hit[0] or role == "run":
+      return inner(*args, **kwargs)
+    if role == "point":
+      hit[0] = True
+      return h
+    if replayed[0] >= len(below):
+      raise ValueError(f"the pass made more calls below {'/'.join(target)!r} than the "
+                       f"{len(below)} captured.")
+    replayed[0] += 1
+    return below[replayed[0] - 1]
+
+  with _nnx_routed(graph, route):
+    yield
+  if not hit[0] or replayed[0] != len(below):
+    raise ValueError(f"the pass made {replayed[0]} calls below {'/'.join(target)!r} (the capture "
+                     f"{len(below)}) and {'reached' if hit[0] else 'did not reach'} it.")
