@@ -138,3 +138,30 @@ def test_uint8_images_are_normalised_inside_the_step_as_on_the_host():
     jax.jit(functools.partial(ts.train_step, **kw))(state, {"inputs": raw, "labels": y})
   with pytest.raises(ValueError, match="eval_step: .*uint8.*preprocess="):
     ev(variables, {"inputs": raw, "labels": y})
+
+
+def test_finiteness_pass_sums_mixed_size_classes_exactly():
+  """Leaves of sizes 1, 3, 4 (class 4), 5, 7 (class 8) and 1000 share padded reduces; the norm
+  is NumPy's, and a non-finite entry in any one leaf (gradient or update) clears the flag."""
+  rng = np.random.default_rng(0)
+  shapes = [(1,), (3,), (2, 2), (5,), (7, 1), (10, 100)]
+  grads = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+  tx = optax.sgd(0.5, momentum=0.9)
+  params = [jnp.zeros(s) for s in shapes]
+  opt_state = tx.init(params)
+  fn = jax.jit(lambda g, o, loss: ts._grad_norm_and_finite(loss, g, o, params, tx))
+  norm, finite = fn(grads, opt_state, 1.0)
+  want = np.sqrt(sum(float(np.sum(np.square(np.asarray(g, np.float64)))) for g in grads))
+  np.testing.assert_allclose(float(norm), want, rtol=1e-6)
+  assert bool(finite)
+  assert [ts._bucket(int(np.prod(s))) for s in shapes] == [1, 4, 4, 8, 8, 1024]
+  for i in range(len(shapes)):
+    for bad in (np.nan, np.inf):
+      g = list(grads)
+      g[i] = g[i].reshape(-1).at[-1].set(bad).reshape(shapes[i])
+      assert not bool(fn(g, opt_state, 1.0)[1]), (i, bad)
+  # An update that overflows although every gradient is finite.
+  huge = optax.sgd(3e38)
+  _, finite = ts._grad_norm_and_finite(jnp.float32(1.0), grads, huge.init(params), params, huge)
+  assert not bool(finite)
+  assert not bool(fn(grads, opt_state, jnp.nan)[1])
