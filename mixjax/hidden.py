@@ -141,27 +141,43 @@ def inject_at(path: Path, h: Any, below: Sequence[Any]) -> Iterator[None]:
   `ValueError` on exit if the pass's calls do not match the capture's.
   """
   target = normalize_path(path)
-  replayed = [0]
-  hit = [False]
+  replay = _Replay(target, h, below)
 
   def interceptor(next_fun, args, kwargs, context):
     role = _role(tuple(context.module.path), context.method_name, target)
-    if hit[0] or role == "run":
-      return next_fun(*args, **kwargs)
-    if role == "point":
-      hit[0] = True
-      return h
-    if replayed[0] >= len(below):
-      raise ValueError(f"the pass made more calls below {'/'.join(target)!r} than the "
-                       f"{len(below)} captured.")
-    replayed[0] += 1
-    return below[replayed[0] - 1]
+    return replay(role, lambda: next_fun(*args, **kwargs))
 
   with nn.intercept_methods(interceptor):
     yield
-  if not hit[0] or replayed[0] != len(below):
-    raise ValueError(f"the pass made {replayed[0]} calls below {'/'.join(target)!r} (the capture "
-                     f"{len(below)}) and {'reached' if hit[0] else 'did not reach'} it.")
+  replay.check()
+
+
+class _Replay:
+  """The calls of a pass started at a point: `h` at the point, `below` (in order) below it."""
+
+  def __init__(self, target: tuple[str, ...], h: Any, below: Sequence[Any]):
+    self.target, self.h, self.below = target, h, below
+    self.replayed, self.hit = 0, False
+
+  def __call__(self, role: str, run: Any) -> Any:
+    """The result of a call with `role` (`_role`); `run()` runs it."""
+    if self.hit or role == "run":
+      return run()
+    if role == "point":
+      self.hit = True
+      return self.h
+    if self.replayed >= len(self.below):
+      raise ValueError(f"the pass made more calls below {'/'.join(self.target)!r} than the "
+                       f"{len(self.below)} captured.")
+    self.replayed += 1
+    return self.below[self.replayed - 1]
+
+  def check(self) -> None:
+    """ValueError unless the pass reached the point after replaying every captured call."""
+    if not self.hit or self.replayed != len(self.below):
+      raise ValueError(f"the pass made {self.replayed} calls below {'/'.join(self.target)!r} "
+                       f"(the capture {len(self.below)}) and "
+                       f"{'reached' if self.hit else 'did not reach'} it.")
 
 
 def module_paths(module: nn.Module, variables: Any, *args, **kwargs) -> list[str]:
@@ -407,23 +423,11 @@ def nnx_inject_at(model: Any, path: Path, h: Any, below: Sequence[Any],
   """
   graph = nnx_graph(model) if graph is None else graph
   target = _nnx_target(graph, path)
-  replayed, hit = [0], [False]
+  replay = _Replay(target, h, below)
 
   def route(here, inner, args, kwargs):
-    role = _role(here, "__call__", target)
-    if hit[0] or role == "run":
-      return inner(*args, **kwargs)
-    if role == "point":
-      hit[0] = True
-      return h
-    if replayed[0] >= len(below):
-      raise ValueError(f"the pass made more calls below {'/'.join(target)!r} than the "
-                       f"{len(below)} captured.")
-    replayed[0] += 1
-    return below[replayed[0] - 1]
+    return replay(_role(here, "__call__", target), lambda: inner(*args, **kwargs))
 
   with _nnx_routed(graph, route):
     yield
-  if not hit[0] or replayed[0] != len(below):
-    raise ValueError(f"the pass made {replayed[0]} calls below {'/'.join(target)!r} (the capture "
-                     f"{len(below)}) and {'reached' if hit[0] else 'did not reach'} it.")
+  replay.check()

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import train_testlib as lib
 from flax import nnx
 
 from benchmarks import reference_models
@@ -136,18 +138,8 @@ def test_lambda_gradient_matches_whole_model_and_finite_differences():
     prepared = objectives.Prepared(draw, key, None, {})
     encoded = apply.run_encoder(v, x, key, "blocks/1")
     assert len(encoded.below) == 3  # stem, stem_bn, blocks/0: top-level calls, not nested ones.
-    fast = obj.lambda_loss(apply, v, x, prepared._replace(encoded=encoded))
-    whole = obj.lambda_loss(_whole_model_passes(apply), v, x, prepared)
-    grad, values = jax.jit(lambda l: amp.lam_grad(fast, l))(lam)
-    grad_ref, values_ref = jax.jit(lambda l: amp.lam_grad(whole, l))(lam)
-    np.testing.assert_allclose(values, values_ref, rtol=1e-10)
-    np.testing.assert_allclose(grad, grad_ref, rtol=1e-9, atol=1e-12)
-    total = jax.jit(lambda l: jnp.sum(whole(l)))
-    h = 1e-6
-    fd = np.array([(total(lam.at[i].add(h)) - total(lam.at[i].add(-h))) / (2 * h)
-                   for i in range(6)])
-    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
-    assert np.abs(fd).max() > 1e-2
+    lib.assert_lambda_gradient(obj.lambda_loss(apply, v, x, prepared._replace(encoded=encoded)),
+                               obj.lambda_loss(_whole_model_passes(apply), v, x, prepared), lam)
 
 
 def test_head_pass_starts_from_the_encoders_state_and_hooks_apply():

@@ -29,6 +29,28 @@ from mixjax import config_utils
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def assert_lambda_gradient(fast, whole, lam: jax.Array) -> None:
+  """AMP's lambda passes `fast` (split at the point) against `whole` (whole-model passes).
+
+  Both map lam f[B] (float64) -> per-example losses f[B]: equal values and
+  `amp.lam_grad`s, and the gradient equal to central finite differences of the
+  whole-model passes' summed loss (which must depend on lam).
+  """
+  import numpy as np
+
+  from mixjax import amp
+  grad, values = jax.jit(lambda l: amp.lam_grad(fast, l))(lam)
+  grad_ref, values_ref = jax.jit(lambda l: amp.lam_grad(whole, l))(lam)
+  np.testing.assert_allclose(values, values_ref, rtol=1e-10)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-9, atol=1e-12)
+  total = jax.jit(lambda l: jnp.sum(whole(l)))
+  h = 1e-6
+  fd = np.array([(total(lam.at[i].add(h)) - total(lam.at[i].add(-h))) / (2 * h)
+                 for i in range(lam.shape[0])])
+  np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+  assert np.abs(fd).max() > 1e-2
+
+
 class TinyResNet(nn.Module):
   """Conv + BN stem, one residual block with BN, global pool, dense head."""
   num_classes: int = 10
