@@ -385,19 +385,8 @@ def test_intercepted_hidden_point_equals_whole_model_passes():
   apply = adapters.make_apply(ResCNN(), train=True)
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1"), eps=0.5)
   v = ResCNN().init(jax.random.key(0), x)
-
-  def compiled(a):
-    f = jax.value_and_grad(lambda p: obj(a, {**v, "params": p}, x, y, jax.random.key(3)),
-                           has_aux=True)
-    return jax.jit(f).lower(v["params"]).compile()
-
-  fast, slow = compiled(apply), compiled(_whole_model_passes(apply))
-  (loss, (state, metrics)), grads = fast(v["params"])
-  (loss_ref, (state_ref, metrics_ref)), grads_ref = slow(v["params"])
-  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  chex.assert_trees_all_close(state, state_ref, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
-  chex.assert_trees_all_close(metrics, metrics_ref, rtol=1e-5, atol=1e-7)
+  state, metrics = lib.assert_fast_path_equals_whole_model(obj, apply, _whole_model_passes(apply),
+                                                           v, x, y)
   assert 0 < float(metrics["amp_mask_frac"]) < 1
   # Every statistic moved once: the final pass's, below the point too.
   mixup = objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1")
@@ -405,7 +394,6 @@ def test_intercepted_hidden_point_equals_whole_model_passes():
   stem = lambda s: s["batch_stats"]["stem_bn"]["mean"]  # noqa: E731
   assert not np.allclose(stem(state), stem(v))
   np.testing.assert_allclose(stem(state), stem(mixed), rtol=1e-5)
-  assert fast.cost_analysis()["flops"] < 0.95 * slow.cost_analysis()["flops"]
 
 
 class _Twice(nn.Module):

@@ -92,18 +92,8 @@ def test_fast_path_equals_whole_model_passes(point, mode):
   assert isinstance(apply, adapters.NnxApply) and obj.fast_path(apply)
   assert not obj.fast_path(_whole_model_passes(apply))
 
-  def compiled(a):
-    f = jax.value_and_grad(lambda p: obj(a, {**v, "params": p}, x, y, jax.random.key(3)),
-                           has_aux=True)
-    return jax.jit(f).lower(v["params"]).compile()
-
-  fast, slow = compiled(apply), compiled(_whole_model_passes(apply))
-  (loss, (state, metrics)), grads = fast(v["params"])
-  (loss_ref, (state_ref, metrics_ref)), grads_ref = slow(v["params"])
-  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  chex.assert_trees_all_close(state, state_ref, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(metrics, metrics_ref, rtol=1e-5, atol=1e-6)
+  state, metrics = lib.assert_fast_path_equals_whole_model(obj, apply, _whole_model_passes(apply),
+                                                           v, x, y)
   assert float(metrics["amp_grad_abs"]) > 0 and float(metrics["amp_dlam"]) != 0
   # Every statistic moved once, below the point too (as in a mixup pass, whose
   # layers below the point see the same inputs).
@@ -112,7 +102,6 @@ def test_fast_path_equals_whole_model_passes(point, mode):
   mixup = objectives.mixup(policies.mixup(1.0), num_classes=3, point=point)
   mixed = jax.jit(lambda vs: mixup(apply, vs, x, y, jax.random.key(3))[1][0])(v)
   np.testing.assert_allclose(stem(state), stem(mixed), rtol=1e-5)
-  assert fast.cost_analysis()["flops"] < 0.95 * slow.cost_analysis()["flops"]
 
 
 def _f64(tree):

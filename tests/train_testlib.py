@@ -29,6 +29,31 @@ from mixjax import config_utils
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def assert_fast_path_equals_whole_model(obj, fast_apply, whole_apply, v, x, y):
+  """`obj`'s loss, parameter gradient, new state and metrics on `fast_apply` (split at the
+  point) equal those on `whole_apply` (whole-model passes), at under 0.95x its FLOPs.
+
+  Returns (new state, metrics) of the fast path.
+  """
+  import chex
+  import numpy as np
+
+  def compiled(a):
+    f = jax.value_and_grad(lambda p: obj(a, {**v, "params": p}, x, y, jax.random.key(3)),
+                           has_aux=True)
+    return jax.jit(f).lower(v["params"]).compile()
+
+  fast, slow = compiled(fast_apply), compiled(whole_apply)
+  (loss, (state, metrics)), grads = fast(v["params"])
+  (loss_ref, (state_ref, metrics_ref)), grads_ref = slow(v["params"])
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  chex.assert_trees_all_close(state, state_ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(metrics, metrics_ref, rtol=1e-5, atol=1e-6)
+  assert fast.cost_analysis()["flops"] < 0.95 * slow.cost_analysis()["flops"]
+  return state, metrics
+
+
 def assert_lambda_gradient(fast, whole, lam: jax.Array) -> None:
   """AMP's lambda passes `fast` (split at the point) against `whole` (whole-model passes).
 
