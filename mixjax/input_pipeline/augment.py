@@ -33,9 +33,17 @@ def _bilinear_crops(images: np.ndarray, top: np.ndarray, left: np.ndarray, h: np
 
   Pixel centres are aligned (as `tf.image.resize`, half_pixel_centers); per
   image, two row gathers and two column gathers: O(out_h * (W + out_w) * C).
+  float32 out, or uint8 for uint8 images: the float32 resize rounded to the
+  nearest grey level, as PIL-based pipelines (timm) and big_vision's
+  dtype-keeping resize give (bilinear weights keep values in [0, 255]; each
+  pixel moves by at most half a grey level, and the batch crosses to the
+  device at a quarter of the float32 bytes, normalised there by
+  `device_normaliser`).
   """
   height, width = images.shape[1:3]
-  out = np.empty((images.shape[0], out_h, out_w) + images.shape[3:], np.float32)
+  as_uint8 = images.dtype == np.uint8
+  out = np.empty((images.shape[0], out_h, out_w) + images.shape[3:],
+                 np.uint8 if as_uint8 else np.float32)
 
   def coords(start, size, n, limit):
     pos = start + (np.arange(n) + 0.5) * (size / n) - 0.5
@@ -49,20 +57,9 @@ def _bilinear_crops(images: np.ndarray, top: np.ndarray, left: np.ndarray, h: np
     r0 = img[y0].astype(np.float32)
     rows = r0 + (img[y1] - r0) * wy[:, None, None]
     c0 = rows[:, x0]
-    out[i] = c0 + (rows[:, x1] - c0) * wx[None, :, None]
+    v = c0 + (rows[:, x1] - c0) * wx[None, :, None]
+    out[i] = np.rint(v, out=v) if as_uint8 else v
   return out
-
-
-def _like_source(resized: np.ndarray, source_dtype: Any) -> np.ndarray:
-  """Resized f32 pixels back to uint8 (rounded) if the source was uint8, as PIL/timm and big_vision do.
-
-  Bilinear interpolation of uint8 values stays in [0, 255]; rounding moves a
-  pixel by at most 0.5 / 255 of the range, and the batch crosses to the device
-  at a quarter of the float32 bytes (normalised there by `device_normaliser`).
-  """
-  if source_dtype != np.uint8:
-    return resized
-  return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
 def inception_boxes(rng: np.random.Generator, n: int, height: int, width: int,
@@ -103,8 +100,7 @@ def augment_batch(images: np.ndarray, kind: str, rng: np.random.Generator,
   b, height, width = images.shape[:3]
   if kind == "inception":
     top, left, h, w = inception_boxes(rng, b, height, width)
-    images = _like_source(_bilinear_crops(images, top, left, h, w, out_shape[0], out_shape[1]),
-                          images.dtype)
+    images = _bilinear_crops(images, top, left, h, w, out_shape[0], out_shape[1])
   elif kind == "cifar":
     pad = 4
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -129,8 +125,8 @@ def eval_transform(images: np.ndarray, kind: str, out_shape: tuple[int, ...]) ->
   b, height, width = images.shape[:3]
   h, w = int(round(0.875 * height)), int(round(0.875 * width))
   full = lambda v: np.full(b, v, np.int64)  # noqa: E731
-  return _like_source(_bilinear_crops(images, full((height - h) // 2), full((width - w) // 2),
-                                      full(h), full(w), out_shape[0], out_shape[1]), images.dtype)
+  return _bilinear_crops(images, full((height - h) // 2), full((width - w) // 2), full(h),
+                         full(w), out_shape[0], out_shape[1])
 
 
 def _check_name(name: str) -> None:

@@ -145,7 +145,7 @@ def _tf_preprocess(tf, dcfg: Any, train: bool, seed_pair: Any):
         image = tf.image.crop_to_bounding_box(image, crop[0], crop[1], crop[2], crop[3])
       source = image.dtype
       image = tf.image.resize(image, shape[:2], method="bilinear")
-      if source == tf.uint8:  # Rounded back to uint8, as augment._like_source does.
+      if source == tf.uint8:  # Rounded back to uint8, as augment._bilinear_crops does.
         image = tf.saturate_cast(tf.round(image), tf.uint8)
     else:  # Crops, pads and flips only move pixels: uint8 images stay uint8.
       if image.dtype == tf.string:
