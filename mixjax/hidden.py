@@ -95,6 +95,27 @@ class Capture:
     self.below: list[Any] = []
     self.variables: list[tuple[tuple[str, ...], Any]] = []
     self.calls = 0
+    self._depth, self._done = 0, False
+
+  def record(self, role: str, run: Any, after: Any) -> Any:
+    """`run()` for a call with `role` (`_role`), recorded if top-level before the point.
+
+    `after(role)` runs right after each recorded call.
+    """
+    self.calls += role == "point"
+    if self._done or self._depth or role == "run":
+      return run()
+    self._depth += 1
+    try:
+      out = run()
+    finally:
+      self._depth -= 1
+    if role == "point":
+      self.h, self._done = out, True
+    else:
+      self.below.append(out)
+    after(role)
+    return out
 
 
 @contextlib.contextmanager
@@ -107,24 +128,12 @@ def capture_below(path: Path) -> Iterator[Capture]:
   """
   target = normalize_path(path)
   cap = Capture()
-  depth, done = [0], [False]
 
   def interceptor(next_fun, args, kwargs, context):
-    role = _role(tuple(context.module.path), context.method_name, target)
-    cap.calls += role == "point"
-    if done[0] or depth[0] or role == "run":
-      return next_fun(*args, **kwargs)
-    depth[0] += 1
-    try:
-      out = next_fun(*args, **kwargs)
-    finally:
-      depth[0] -= 1
-    if role == "point":
-      cap.h, done[0] = out, True
-    else:
-      cap.below.append(out)
-    cap.variables.append((tuple(context.module.path), context.module.variables))
-    return out
+    here = tuple(context.module.path)
+    return cap.record(_role(here, context.method_name, target),
+                      lambda: next_fun(*args, **kwargs),
+                      lambda _: cap.variables.append((here, context.module.variables)))
 
   with nn.intercept_methods(interceptor):
     yield cap
@@ -387,23 +396,13 @@ def nnx_capture_below(model: Any, path: Path, graph: Optional[NnxGraph] = None
   graph = nnx_graph(model) if graph is None else graph
   target = _nnx_target(graph, path)
   cap = NnxCapture()
-  depth, done = [0], [False]
+
+  def snapshot(role):
+    if role == "point":
+      cap.state = _nnx_snapshot(graph)
 
   def route(here, inner, args, kwargs):
-    role = _role(here, "__call__", target)
-    cap.calls += role == "point"
-    if done[0] or depth[0] or role == "run":
-      return inner(*args, **kwargs)
-    depth[0] += 1
-    try:
-      out = inner(*args, **kwargs)
-    finally:
-      depth[0] -= 1
-    if role == "point":
-      cap.h, cap.state, done[0] = out, _nnx_snapshot(graph), True
-    else:
-      cap.below.append(out)
-    return out
+    return cap.record(_role(here, "__call__", target), lambda: inner(*args, **kwargs), snapshot)
 
   with _nnx_routed(graph, route):
     yield cap
