@@ -64,6 +64,7 @@ class MixSpec(NamedTuple):
 
 
 ApplyFn = Callable[..., tuple[Any, PyTree]]
+Within = Callable[[], contextlib.AbstractContextManager]  # Entered around a head pass.
 
 
 def _linen_call(module: nn.Module, variables: PyTree, x: Any, key: Optional[jax.Array],
@@ -140,12 +141,19 @@ class LinenApply:
     return Encoded(cap.h, {**variables, **state}, state, tuple(cap.below), inputs)
 
   def run_head(self, encoded: Encoded, key: Optional[jax.Array],
-               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
-    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all)."""
+               mix: Optional[MixSpec] = None, within: Within = contextlib.nullcontext
+               ) -> tuple[Any, PyTree]:
+    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all).
+
+    `within()`: a context entered around the layers above the point only (its
+    interceptors see the calls that run, not the replayed ones below).
+    """
     if mix is None or mix.point is None:
       raise ValueError("LinenApply.run_head needs the MixSpec of the hidden point the encoder "
                        "stopped at.")
-    with hidden.inject_at(mix.point, mix.mix(encoded.h), encoded.below):
+    # Entered after inject_at, so that inject_at's interceptor runs first (flax calls the
+    # interceptor entered first outermost).
+    with hidden.inject_at(mix.point, mix.mix(encoded.h), encoded.below), within():
       return self._call(encoded.head_variables, encoded.inputs, key)
 
 
@@ -298,8 +306,13 @@ class NnxApply:
     return Encoded(cap.h, {**variables, **state}, state, tuple(cap.below), inputs)
 
   def run_head(self, encoded: Encoded, key: Optional[jax.Array],
-               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
-    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all)."""
+               mix: Optional[MixSpec] = None, within: Within = contextlib.nullcontext
+               ) -> tuple[Any, PyTree]:
+    """The layers above `mix.point` on `encoded.h` mixed by `mix`: (outputs, new state of all).
+
+    `within()`: as in `LinenApply.run_head` (its `nnx_call_hook` stand-ins
+    sit inside the replaying ones, so they see only the calls that run).
+    """
     if mix is None or mix.point is None:
       raise ValueError("NnxApply.run_head needs the MixSpec of the hidden point the encoder "
                        "stopped at.")
@@ -307,8 +320,9 @@ class NnxApply:
     m = self._model(variables["params"], variables["nnx_state"], key)
     graph = hidden.nnx_graph(m)
     h = mix.mix(encoded.h)
-    return self._run(m, encoded.inputs,
-                     lambda: hidden.nnx_inject_at(m, mix.point, h, encoded.below, graph))
+    with within():  # Its hooks swap layers first; nnx_inject_at's stand-ins then wrap them.
+      return self._run(m, encoded.inputs,
+                       lambda: hidden.nnx_inject_at(m, mix.point, h, encoded.below, graph))
 
 
 def _fresh(tree: PyTree) -> PyTree:
@@ -390,10 +404,15 @@ class SplitApply:
     return Encoded(h, {**variables, **state}, dict(state))
 
   def run_head(self, encoded: Encoded, key: Optional[jax.Array],
-               mix: Optional[MixSpec] = None) -> tuple[Any, PyTree]:
-    """The head on `encoded.h` (mixed by `mix` at this point): (outputs, new state of both)."""
+               mix: Optional[MixSpec] = None, within: Within = contextlib.nullcontext
+               ) -> tuple[Any, PyTree]:
+    """The head on `encoded.h` (mixed by `mix` at this point): (outputs, new state of both).
+
+    `within()`: a context entered around the head.
+    """
     h = encoded.h if mix is None else mix.mix(encoded.h)
-    out, head_state = self.head(encoded.head_variables, h, key=key)
+    with within():
+      out, head_state = self.head(encoded.head_variables, h, key=key)
     return out, {**encoded.state, **dict(head_state)}
 
   def __call__(self, variables: PyTree, inputs: PyTree, *, key: Optional[jax.Array] = None,

@@ -34,13 +34,15 @@ only the layers above it are re-run by the lambda passes ("Sent" mixing at
 the last hidden state in the AMP paper), for a model split into
 `encode(x) -> h` and `head(h) -> outputs` (an `adapters.SplitApply`, e.g.
 from `adapters.make_split_apply`, with `base.point == apply.point`) and for
-an unmodified linen model (`adapters.make_apply`): there one pass records
-the point's output `h` and what the layers below it computed
-(`hidden.capture_below`), and every later pass starts at the point
-(`hidden.inject_at`). Their batch-norm updates are those of the final pass
-(the layers below the point from the recording pass, which computes the same
-statistics). A point whose submodule is called more than once, other
-`ApplyFn`s and NNX models run the whole model in every pass.
+an unmodified linen or NNX model (`adapters.make_apply`,
+`adapters.make_nnx_apply`): there one pass records the point's output `h` and
+what the layers below it computed (`hidden.capture_below`,
+`hidden.nnx_capture_below`), and every later pass starts at the point
+(`hidden.inject_at`, `hidden.nnx_inject_at`). Their batch-norm updates are
+those of the final pass (the layers below the point from the recording pass,
+which computes the same statistics). MixupE's concatenated pass over AMP
+starts at the point too (`mixupe.MixupE`). A point whose submodule is called
+more than once and other `ApplyFn`s run the whole model in every pass.
 
 Modes (the paper's ablation rows): 'rand' (= the base, mixup), 'max' (always
 `lam'`, no comparison pass), 'full' (AMP). Where `lam' == lam` (eps = 0, or

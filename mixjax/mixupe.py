@@ -238,6 +238,24 @@ def _take_rows(tree: PyTree, idx: jax.Array, rows_per_shard: int, mesh, axis_nam
                        out_specs=P(axis_name))(tree, idx)
 
 
+def _with_clean_rows(tree: PyTree, idx: Optional[jax.Array], batch: int, groups: int, mesh,
+                     axis_name) -> PyTree:
+  """`interleave(x, x[idx])` for each leaf of `tree` with `batch` leading rows (others as they are).
+
+  The [mixed; clean] layout of a value the layers below the mixing point
+  computed on the batch (idx None: every example is a clean row).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  at = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) and x.shape[0] == batch]
+  rows = [leaves[i] for i in at]
+  if not rows:
+    return tree
+  clean = rows if idx is None else _take_rows(rows, idx, batch // groups, mesh, axis_name)
+  for i, x in zip(at, adapters.interleave(rows, clean, groups)):
+    leaves[i] = x
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 # ----------------------------------------------------------------------------
 # The objective.
 
@@ -415,7 +433,20 @@ class MixupE(objectives.Wrapper):
     return loss, (state, jax.lax.stop_gradient(metrics))
 
   def _concat_pass(self, apply, variables, inputs, clean, idx, tangent, prepared, groups):
-    """One forward over [mixed; clean] rows: (per-example L_mix, clean outputs, JVP, state)."""
+    """One forward over [mixed; clean] rows: (per-example L_mix, clean outputs, JVP, state).
+
+    When AMP's encoder already ran (`prepared.encoded`: a `SplitApply` at its
+    point, or an unmodified linen or NNX model at any hidden point) and no JVP
+    is needed, the pass starts at the mixing point: the clean rows' values
+    below it are the encoder's rows of the clean examples (the values the
+    concatenated pass computes there, since below the point a mixed row is its
+    unmixed example and every row is normalised with the mixed rows'
+    statistics), so only the layers above the point run on [mixed; clean]
+    rows. Dropout below the point then gives a clean row its example's
+    encoder masks instead of masks of its own. With batch_stats='all' and
+    rho < 1 the clean rows would change the statistics below the point, so
+    the whole model runs on [mixed; clean] rows.
+    """
     base = self.base
     draw = prepared.draw
     batch = checks.batch_size("inputs", inputs)
@@ -425,18 +456,15 @@ class MixupE(objectives.Wrapper):
     ctx = lambda: adapters.mixed_rows_only(layout, self.batch_stats, clean_key)  # noqa: E731
     spec = base.mix_spec(draw) if base.mixes else None
 
-    if (prepared.encoded is not None and tangent is None
-        and isinstance(apply, adapters.SplitApply)):
-      # AMP on a split model: the encoder ran once; concatenate at the split point.
-      enc = prepared.encoded
-      h_mixed = enc.h if spec is None else spec.mix(enc.h)
-      h_clean = enc.h if idx is None else _take_rows(enc.h, idx, batch // groups, base.mesh,
-                                                     base.axis_name)
-      with ctx():
-        out, head_state = apply.head(enc.head_variables,
-                                     adapters.interleave(h_mixed, h_clean, groups),
-                                     key=prepared.key)
-      state = {**enc.state, **dict(head_state)}
+    enc = prepared.encoded
+    if (enc is not None and tangent is None and spec is not None
+        and (idx is None or self.batch_stats == "mixed")):
+      # AMP's encoder ran once: the pass starts at its point (any split or unsplit model).
+      rows = lambda t: _with_clean_rows(t, idx, batch, groups, base.mesh,  # noqa: E731
+                                        base.axis_name)
+      both = enc._replace(h=rows(enc.h), below=tuple(rows(b) for b in enc.below),
+                          inputs=rows(enc.inputs))
+      out, state = apply.run_head(both, prepared.key, layout.spec(spec), within=ctx)
       out_m, out_c = layout.split(out)
       out_dot = None
     else:

@@ -9,7 +9,7 @@ import pytest
 
 import train_testlib as lib
 
-from mixjax import adapters, amp, losses, methods, objectives, policies
+from mixjax import adapters, amp, losses, methods, mixupe, objectives, policies
 
 
 def _xent64(logits, targets):
@@ -322,7 +322,6 @@ def test_nnx_model():
   assert float(moved[0]) > float(ref[0])
   # MixupE with a separate clean pass (the concatenated pass's batch-norm and
   # dropout handling is for linen modules).
-  from mixjax import mixupe
   both = _value_and_grad(mixupe.mixupe(amp.amp(base, eps=0.1, mode="max"), clean_pass="separate"),
                          apply, variables, x, y)
   np.testing.assert_allclose(both[2]["loss_mix"], moved[0], rtol=1e-6)
@@ -352,11 +351,6 @@ class ResCNN(nn.Module):
     return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
 
 
-def _whole_model_passes(apply):
-  """`apply` as a plain ApplyFn: every AMP pass runs the whole model (the former path)."""
-  return lambda v, x, *, key=None, mix=None: apply(v, x, key=key, mix=mix)
-
-
 def test_intercepted_hidden_point_lambda_gradient():
   """d L / d lam through the layers above the point only: the whole-model passes' and FD's."""
   with jax.enable_x64(True):
@@ -374,7 +368,7 @@ def test_intercepted_hidden_point_lambda_gradient():
     prepared = objectives.Prepared(draw, key, None, {})
     encoded = apply.run_encoder(v, x, key, "block1")
     lib.assert_lambda_gradient(obj.lambda_loss(apply, v, x, prepared._replace(encoded=encoded)),
-                               obj.lambda_loss(_whole_model_passes(apply), v, x, prepared), lam)
+                               obj.lambda_loss(lib.whole_model_passes(apply), v, x, prepared), lam)
 
 
 def test_intercepted_hidden_point_equals_whole_model_passes():
@@ -385,8 +379,8 @@ def test_intercepted_hidden_point_equals_whole_model_passes():
   apply = adapters.make_apply(ResCNN(), train=True)
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1"), eps=0.5)
   v = ResCNN().init(jax.random.key(0), x)
-  state, metrics = lib.assert_fast_path_equals_whole_model(obj, apply, _whole_model_passes(apply),
-                                                           v, x, y)
+  state, metrics = lib.assert_fast_path_equals_whole_model(
+      obj, apply, lib.whole_model_passes(apply), v, x, y)
   assert 0 < float(metrics["amp_mask_frac"]) < 1
   # Every statistic moved once: the final pass's, below the point too.
   mixup = objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1")
@@ -394,6 +388,50 @@ def test_intercepted_hidden_point_equals_whole_model_passes():
   stem = lambda s: s["batch_stats"]["stem_bn"]["mean"]  # noqa: E731
   assert not np.allclose(stem(state), stem(v))
   np.testing.assert_allclose(stem(state), stem(mixed), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_mixupe_concatenated_pass_starts_at_intercepted_point(rho):
+  """MixupE over AMP: [mixed; clean] rows run the layers above 'block1' only (block2, head)."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  base = objectives.mixup(policies.mixup(1.0), num_classes=3, point="block1")
+  lib.assert_concat_pass_starts_at_point(
+      mixupe.mixupe(amp.amp(base, eps=0.5), rho=rho), adapters.make_apply(ResCNN(), train=True),
+      ResCNN().init(jax.random.key(0), x), x, y, matmuls_above=3)
+
+
+class _DropBelow(nn.Module):
+  """Dropout called by the root below the point 'enc', batch norm above it."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(6)(x))
+    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(6, name="enc")(x))
+    return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+def test_mixupe_concatenated_pass_routes_only_the_layers_above_the_point():
+  """Below the point the calls are replayed before MixupE's row routing sees them.
+
+  (Routed first, the dropout below would run twice, on the mixed and the clean
+  rows, and take two replayed values.) The mixed rows equal whole-model
+  passes'; the clean rows keep their examples' encoder masks below the point.
+  """
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 5)), jnp.float32)
+  y = jnp.arange(8) % 3
+  v = _DropBelow().init(jax.random.key(0), x)
+  apply = adapters.make_apply(_DropBelow(), train=True)
+  base = objectives.mixup(policies.mixup(1.0), num_classes=3, point="enc")
+  obj = mixupe.mixupe(amp.amp(base, eps=0.5), rho=0.5)
+  run = lambda a: jax.jit(lambda vs: obj(a, vs, x, y, jax.random.key(1)))(v)  # noqa: E731
+  loss, (state, metrics) = run(apply)
+  _, (state_ref, metrics_ref) = run(lib.whole_model_passes(apply))
+  for k in ("loss_mix", "amp_loss", "amp_mask_frac"):
+    np.testing.assert_allclose(metrics[k], metrics_ref[k], rtol=1e-5, err_msg=k)
+  chex.assert_trees_all_close(state, state_ref, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(float(loss)) and float(metrics["mixupe_r"]) > 0
 
 
 class _Twice(nn.Module):
@@ -413,7 +451,7 @@ def test_intercepted_point_called_twice_runs_whole_model():
   assert apply.run_encoder(v, x, None, "shared") is None
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="shared"), eps=0.5)
   got = obj(apply, v, x, y, jax.random.key(1))
-  ref = obj(_whole_model_passes(apply), v, x, y, jax.random.key(1))
+  ref = obj(lib.whole_model_passes(apply), v, x, y, jax.random.key(1))
   chex.assert_trees_all_close(got, ref, rtol=1e-6)
   with pytest.raises(ValueError, match="No submodule at path 'nowhere'"):
     apply.run_encoder(v, x, None, "nowhere")

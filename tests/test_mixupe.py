@@ -13,6 +13,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import integrate, stats
 
+import train_testlib as lib
+
 from mixjax import adapters, amp, losses, methods, objectives, pairing, policies, sampling, train_step
 from mixjax import mixupe
 
@@ -320,25 +322,29 @@ def test_amp_and_mixupe_together_and_split_model():
   np.testing.assert_allclose(both[2]["amp_mask_frac"], amp_m["amp_mask_frac"])
   assert float(both[2]["mixupe_r"]) > 0
 
-  # Split model (AMP's encoder runs once): the same numbers as the generic path.
+  # AMP's encoder runs once (a split model, or the unmodified model at the same point): the
+  # concatenated pass starts at the point, with the numbers of whole-model passes.
   xi = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5, 5, 2)), jnp.float32)
   yi = y[:8]
   vs = Split().init(jax.random.key(0), xi)
   hb = objectives.mixup(policies.mixup(1.0), num_classes=3, point="enc")
+  split, linen = adapters.make_split_apply(Split(), point="enc"), adapters.make_apply(Split())
   obj = mixupe.mixupe(amp.amp(hb, eps=0.05), rho=0.5)
-  fast = _run(obj, adapters.make_split_apply(Split(), point="enc"), vs, xi, yi)
-  slow = _run(obj, adapters.make_apply(Split(), train=True), vs, xi, yi)
-  for k in ("loss", "loss_mix", "mixupe_r", "amp_mask_frac"):
-    np.testing.assert_allclose(fast[2][k], slow[2][k], rtol=1e-5, err_msg=k)
-  chex.assert_trees_all_close(fast[3], slow[3], rtol=1e-4, atol=1e-6)
+  lib.assert_concat_pass_starts_at_point(obj, split, vs, xi, yi, matmuls_above=1)
+  lib.assert_concat_pass_starts_at_point(obj, linen, vs, xi, yi, matmuls_above=1)
+  # With batch_stats='all' the clean rows join the encoder's statistics: whole-model rows.
+  obj = mixupe.mixupe(amp.amp(hb, eps=0.05), rho=0.5, batch_stats="all")
+  got, ref = _run(obj, split, vs, xi, yi), _run(obj, lib.whole_model_passes(split), vs, xi, yi)
+  chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["amp", "amp+mixupe"])
-def test_sharded_train_step_equals_single_device(method):
+@pytest.mark.parametrize("method, point", [("amp", None), ("amp+mixupe", None),
+                                           ("amp+mixupe", "bn")])  # 'bn': started at the point.
+def test_sharded_train_step_equals_single_device(method, point):
   mesh = Mesh(np.array(jax.devices()), ("data",))
   assert mesh.shape["data"] == 8
   apply, v, x, y = _net_setup(32)
-  kw = dict(num_classes=3, amp={"eps": 0.05}, mixupe={"eta": 0.1, "rho": 0.5})
+  kw = dict(num_classes=3, amp={"eps": 0.05}, mixupe={"eta": 0.1, "rho": 0.5}, point=point)
   sharded = methods.get_objective(method, mesh=mesh, **kw)
   single = methods.get_objective(method, pairing="random", **kw)
   group = pairing.grouped(pairing.random_permutation, 8)

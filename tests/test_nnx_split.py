@@ -67,11 +67,6 @@ class _Twice(nnx.Module):
     return self.out(self.shared(jnp.tanh(self.shared(x))))
 
 
-def _whole_model_passes(apply):
-  """`apply` as a plain ApplyFn: every AMP pass runs the whole model (the former path)."""
-  return lambda v, x, *, key=None, mix=None: apply(v, x, key=key, mix=mix)
-
-
 def _batch(b=8, seed=1, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.normal(size=(b, 6, 6, 2)), dtype), jnp.asarray(rng.integers(0, 3, b)))
@@ -90,10 +85,10 @@ def test_fast_path_equals_whole_model_passes(point, mode):
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point=point), eps=0.05,
                 mode=mode)
   assert isinstance(apply, adapters.NnxApply) and obj.fast_path(apply)
-  assert not obj.fast_path(_whole_model_passes(apply))
+  assert not obj.fast_path(lib.whole_model_passes(apply))
 
-  state, metrics = lib.assert_fast_path_equals_whole_model(obj, apply, _whole_model_passes(apply),
-                                                           v, x, y)
+  state, metrics = lib.assert_fast_path_equals_whole_model(
+      obj, apply, lib.whole_model_passes(apply), v, x, y)
   assert float(metrics["amp_grad_abs"]) > 0 and float(metrics["amp_dlam"]) != 0
   # Every statistic moved once, below the point too (as in a mixup pass, whose
   # layers below the point see the same inputs).
@@ -128,7 +123,7 @@ def test_lambda_gradient_matches_whole_model_and_finite_differences():
     encoded = apply.run_encoder(v, x, key, "blocks/1")
     assert len(encoded.below) == 3  # stem, stem_bn, blocks/0: top-level calls, not nested ones.
     lib.assert_lambda_gradient(obj.lambda_loss(apply, v, x, prepared._replace(encoded=encoded)),
-                               obj.lambda_loss(_whole_model_passes(apply), v, x, prepared), lam)
+                               obj.lambda_loss(lib.whole_model_passes(apply), v, x, prepared), lam)
 
 
 def test_head_pass_starts_from_the_encoders_state_and_hooks_apply():
@@ -155,12 +150,16 @@ def test_head_pass_starts_from_the_encoders_state_and_hooks_apply():
   np.testing.assert_array_equal(mean(enc, "blocks", 2, "bn"), mean(init, "blocks", 2, "bn"))
   count = lambda s: s["drop"]["rngs"]["count"][...]  # noqa: E731
   assert int(count(enc)) == int(count(init)) < int(count(new))
-  # MixupE's concatenated pass (the NNX call hooks) with AMP's fast lambda passes.
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_mixupe_concatenated_pass_starts_at_the_point(rho):
+  """MixupE over AMP: [mixed; clean] rows run the layers above the point only (block 2, head)."""
+  apply, v = adapters.make_nnx_apply(ResCNN(nnx.Rngs(0, dropout=1)))
+  x, y = _batch()
   base = objectives.mixup(policies.mixup(1.0), num_classes=3, point="blocks/1")
-  obj = mixupe.mixupe(amp.amp(base, eps=0.05))
-  y = jnp.arange(8) % 3
-  run = lambda a: jax.jit(lambda vs: obj(a, vs, x, y, jax.random.key(2)))(v)  # noqa: E731
-  chex.assert_trees_all_close(run(apply), run(_whole_model_passes(apply)), rtol=1e-5, atol=1e-6)
+  lib.assert_concat_pass_starts_at_point(mixupe.mixupe(amp.amp(base, eps=0.05), rho=rho),
+                                         apply, v, x, y, matmuls_above=2)
 
 
 def test_point_called_twice_runs_whole_model_and_unknown_path_raises():
@@ -170,7 +169,7 @@ def test_point_called_twice_runs_whole_model_and_unknown_path_raises():
   assert apply.run_encoder(v, x, None, "shared") is None
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=3, point="shared"), eps=0.5)
   got = obj(apply, v, x, y, jax.random.key(1))
-  ref = obj(_whole_model_passes(apply), v, x, y, jax.random.key(1))
+  ref = obj(lib.whole_model_passes(apply), v, x, y, jax.random.key(1))
   chex.assert_trees_all_close(got, ref, rtol=1e-6)
   with pytest.raises(ValueError, match=r"attribute paths of this model: \['out', 'shared'\]"):
     apply.run_encoder(v, x, None, "nowhere")
@@ -236,7 +235,7 @@ def test_amp_at_last_hidden_point_flops_within_floor():
 
   erm = flops(objectives.erm(num_classes=10), apply)
   obj = amp.amp(objectives.mixup(policies.mixup(1.0), num_classes=10, point="norms/3"))
-  fast, whole = flops(obj, apply) / erm, flops(obj, _whole_model_passes(apply)) / erm
+  fast, whole = flops(obj, apply) / erm, flops(obj, lib.whole_model_passes(apply)) / erm
   print(f"NNX AMP at 'norms/3', FLOPs / ERM: whole-model passes {whole:.4f}, split {fast:.4f}")
   assert whole > 1.2, whole  # The guard has teeth: the former path is visible in the count.
   assert fast <= AMP_SPLIT_FLOOR, (

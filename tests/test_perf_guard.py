@@ -238,12 +238,14 @@ def test_exact_mixupe_flops_within_floor(setup, erm_flops):
       f"carrying tangents through the mixed rows again?")
 
 
-def test_amp_at_intercepted_hidden_point_flops_within_floor(setup, erm_flops):
+@pytest.mark.parametrize("mixupe_over", [False, True])
+def test_amp_at_intercepted_hidden_point_flops_within_floor(setup, erm_flops, mixupe_over):
   # The output of the last batch norm: above it only ReLU, pooling and the classifier.
   at_hidden = objectives.mixup(policies.mixup(1.0), num_classes=NUM_CLASSES, point="norms_3")
-  ratio = _library_cost(setup, amp.amp(at_hidden),
-                        adapters.make_apply(setup[0]))["flops"] / erm_flops
-  print("AMP at an intercepted hidden point, FLOPs / ERM:", ratio)
+  obj = mixupe.mixupe(amp.amp(at_hidden)) if mixupe_over else amp.amp(at_hidden)
+  ratio = _library_cost(setup, obj, adapters.make_apply(setup[0]))["flops"] / erm_flops
+  name = "MixupE over AMP" if mixupe_over else "AMP"
+  print(f"{name} at an intercepted hidden point, FLOPs / ERM:", ratio)
   assert ratio <= AMP_INTERCEPTED_FLOOR, (
-      f"AMP at a hidden point of an unmodified linen model costs {ratio:.4f}x ERM's FLOPs "
-      f"(floor {AMP_INTERCEPTED_FLOOR}): do the lambda passes re-run the layers below the point?")
+      f"{name} at a hidden point of an unmodified linen model costs {ratio:.4f}x ERM's FLOPs "
+      f"(floor {AMP_INTERCEPTED_FLOOR}): do its passes re-run the layers below the point?")

@@ -29,6 +29,15 @@ from mixjax import config_utils
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def whole_model_passes(apply):
+  """`apply` as a plain ApplyFn (no `encodes_at`): every pass runs the whole model.
+
+  The reference for the paths that start a pass at a hidden point (AMP's
+  lambda passes, MixupE's concatenated pass over AMP).
+  """
+  return lambda v, x, *, key=None, mix=None: apply(v, x, key=key, mix=mix)
+
+
 def assert_fast_path_equals_whole_model(obj, fast_apply, whole_apply, v, x, y):
   """`obj`'s loss, parameter gradient, new state and metrics on `fast_apply` (split at the
   point) equal those on `whole_apply` (whole-model passes), at under 0.95x its FLOPs.
@@ -52,6 +61,40 @@ def assert_fast_path_equals_whole_model(obj, fast_apply, whole_apply, v, x, y):
   chex.assert_trees_all_close(metrics, metrics_ref, rtol=1e-5, atol=1e-6)
   assert fast.cost_analysis()["flops"] < 0.95 * slow.cost_analysis()["flops"]
   return state, metrics
+
+
+def assert_concat_pass_starts_at_point(obj, apply, v, x, y, matmuls_above: int) -> None:
+  """MixupE over AMP at a hidden point (`obj`, groups 1) on `apply`, split at the point.
+
+  Equal to whole-model passes (`assert_fast_path_equals_whole_model`), and its
+  concatenated pass runs only the `matmuls_above` dense layers and convolutions
+  above the point on the [mixed; clean] rows (counted in the traced program),
+  where whole-model passes run every one of them there.
+  """
+  assert_fast_path_equals_whole_model(obj, apply, whole_model_passes(apply), v, x, y)
+  batch = x.shape[0]
+  rows = batch + max(1, round(obj.rho * batch))
+  count = lambda a: matmuls_on_rows(  # noqa: E731
+      lambda vs: obj(a, vs, x, y, jax.random.key(3)), v, rows=rows)
+  assert count(apply) == matmuls_above < count(whole_model_passes(apply)), (
+      count(apply), matmuls_above, count(whole_model_passes(apply)))
+
+
+def matmuls_on_rows(fn, *args, rows: int) -> int:
+  """How many dot_general / conv_general_dilated ops of `fn(*args)`'s jaxpr output `rows` rows."""
+  def walk(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if (eqn.primitive.name in ("dot_general", "conv_general_dilated")
+          and eqn.outvars[0].aval.shape[:1] == (rows,)):
+        n += 1
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else (param,):
+          sub = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr's Jaxpr.
+          if hasattr(sub, "eqns"):
+            n += walk(sub)
+    return n
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def assert_lambda_gradient(fast, whole, lam: jax.Array) -> None:
