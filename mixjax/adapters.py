@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -677,44 +677,22 @@ def _routed(rows: Callable[..., Any]) -> Iterator[None]:
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    kind = ("batch_norm" if isinstance(context.module, nn.BatchNorm) else
-            "dropout" if isinstance(context.module, nn.Dropout) else None)
-    return rows(kind, next_fun, args, kwargs, "rng", context.module)
+    return rows(_kind(context.module, nn), next_fun, args, kwargs, "rng", context.module)
 
   with nn.intercept_methods(interceptor), nnx_call_hook(lambda model: _nnx_rows(model, rows)):
     yield
 
 
-class _Routed:
-  """Stands in for an NNX BatchNorm/Dropout layer, sending its calls through `rows`."""
-
-  def __init__(self, inner: Any, kind: str, rows: Callable[..., Any]):
-    self.inner, self.kind, self.rows = inner, kind, rows
-
-  def __call__(self, *args, **kwargs):
-    return self.rows(self.kind, self.inner, args, kwargs, "rngs", self.inner)
+def _kind(module: Any, lib: Any) -> Optional[str]:
+  """'batch_norm', 'dropout' (a BatchNorm/Dropout of `lib`: linen or nnx) or None."""
+  return ("batch_norm" if isinstance(module, lib.BatchNorm) else
+          "dropout" if isinstance(module, lib.Dropout) else None)
 
 
-@contextlib.contextmanager
-def _nnx_rows(model: Any, rows: Callable[..., Any]) -> Iterator[None]:
-  """Replaces each NNX BatchNorm/Dropout of `model` by a `_Routed` stand-in while active."""
+def _nnx_rows(model: Any, rows: Callable[..., Any]) -> ContextManager[None]:
+  """While active, the calls of each NNX BatchNorm/Dropout of `model` go through `rows`."""
   from flax import nnx
-  walk = nnx.iter_graph(model) if hasattr(nnx, "iter_graph") else model.iter_modules()
-  found = []
-  for path, sub in walk:
-    kind = ("batch_norm" if isinstance(sub, nnx.BatchNorm) else
-            "dropout" if isinstance(sub, nnx.Dropout) else None)
-    if kind is not None and path:
-      found.append((tuple(str(p) for p in path), sub, kind))
-  swapped = []
-  try:
-    for path, sub, kind in found:
-      parent = model
-      for name in path[:-1]:
-        parent = hidden.child(parent, name)
-      hidden.set_child(parent, path[-1], _Routed(sub, kind, rows))
-      swapped.append((parent, path[-1], sub))
-    yield
-  finally:
-    for parent, name, sub in reversed(swapped):
-      hidden.set_child(parent, name, sub)
+  layers = [(path, parent, name) for path, parent, name in hidden.nnx_graph(model).modules
+            if _kind(hidden.child(parent, name), nnx)]
+  return hidden.nnx_routed(layers, lambda path, inner, args, kwargs:
+                           rows(_kind(inner, nnx), inner, args, kwargs, "rngs", inner))

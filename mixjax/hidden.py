@@ -19,7 +19,7 @@ state right after the point's call, which the second pass starts from.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -212,18 +212,6 @@ def module_paths(module: nn.Module, variables: Any, *args, **kwargs) -> list[str
   return paths
 
 
-class _Mixed:
-  """Calls the wrapped NNX module and mixes its output."""
-
-  def __init__(self, inner, lam, perm, mesh, axis_name):
-    self.inner, self.lam, self.perm, self.mesh, self.axis_name = inner, lam, perm, mesh, axis_name
-
-  def __call__(self, *args, **kwargs):
-    out = self.inner(*args, **kwargs)
-    return mixing.mix_with_partner(out, self.perm, self.lam, mesh=self.mesh,
-                                   axis_name=self.axis_name)
-
-
 def child(parent: Any, name: str) -> Any:
   """The submodule (attribute, or list index for digits) `name` of an NNX module."""
   if name.isdigit() and not hasattr(parent, name):
@@ -253,12 +241,13 @@ def nnx_mix_at(model: Any, path: Path, lam: Any, perm: jax.Array, *,
   parent = model
   for name in parts[:-1]:
     parent = child(parent, name)
-  inner = child(parent, parts[-1])
-  set_child(parent, parts[-1], _Mixed(inner, lam, perm, mesh, axis_name))
-  try:
+
+  def route(here, inner, args, kwargs):
+    return mixing.mix_with_partner(inner(*args, **kwargs), perm, lam, mesh=mesh,
+                                   axis_name=axis_name)
+
+  with nnx_routed([(parts, parent, parts[-1])], route):
     yield
-  finally:
-    set_child(parent, parts[-1], inner)
 
 
 # ----------------------------------------------------------------------------
@@ -330,15 +319,17 @@ class _Stand:
 
 
 @contextlib.contextmanager
-def _nnx_routed(graph: NnxGraph, route: Any) -> Iterator[None]:
-  """Every submodule of `graph` replaced by a `_Stand` calling `route` while active.
+def nnx_routed(modules: Iterable[tuple[tuple[str, ...], Any, str]], route: Any
+               ) -> Iterator[None]:
+  """While active, each submodule `(path, parent, name)` of `modules` is a `_Stand` calling `route`.
 
-  Restored on exit, also on error. The module swapped is whatever is at the
-  attribute now (it may be another stand-in, e.g. an `nnx_call_hook`'s).
+  `modules` as `NnxGraph.modules` (or a part of it). Restored on exit, also
+  on error. The module swapped is whatever is at the attribute now (it may
+  be another stand-in, e.g. an `nnx_call_hook`'s).
   """
   swapped = []
   try:
-    for path, parent, name in graph.modules:
+    for path, parent, name in modules:
       inner = child(parent, name)
       set_child(parent, name, _Stand(inner, path, route))
       swapped.append((parent, name, inner))
@@ -404,7 +395,7 @@ def nnx_capture_below(model: Any, path: Path, graph: Optional[NnxGraph] = None
   def route(here, inner, args, kwargs):
     return cap.record(_role(here, "__call__", target), lambda: inner(*args, **kwargs), snapshot)
 
-  with _nnx_routed(graph, route):
+  with nnx_routed(graph.modules, route):
     yield cap
 
 
@@ -427,6 +418,6 @@ def nnx_inject_at(model: Any, path: Path, h: Any, below: Sequence[Any],
   def route(here, inner, args, kwargs):
     return replay(_role(here, "__call__", target), lambda: inner(*args, **kwargs))
 
-  with _nnx_routed(graph, route):
+  with nnx_routed(graph.modules, route):
     yield
   replay.check()
