@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -689,7 +689,7 @@ def _kind(module: Any, lib: Any) -> Optional[str]:
           "dropout" if isinstance(module, lib.Dropout) else None)
 
 
-def _nnx_rows(model: Any, rows: Callable[..., Any]) -> ContextManager[None]:
+def _nnx_rows(model: Any, rows: Callable[..., Any]) -> contextlib.AbstractContextManager:
   """While active, the calls of each NNX BatchNorm/Dropout of `model` go through `rows`."""
   from flax import nnx
   layers = [(path, parent, name) for path, parent, name in hidden.nnx_graph(model).modules

@@ -460,10 +460,9 @@ class MixupE(objectives.Wrapper):
     if (enc is not None and tangent is None and spec is not None
         and (idx is None or self.batch_stats == "mixed")):
       # AMP's encoder ran once: the pass starts at its point (any split or unsplit model).
-      rows = lambda t: _with_clean_rows(t, idx, batch, groups, base.mesh,  # noqa: E731
-                                        base.axis_name)
-      both = enc._replace(h=rows(enc.h), below=tuple(rows(b) for b in enc.below),
-                          inputs=rows(enc.inputs))
+      h, below, inputs_rows = _with_clean_rows((enc.h, enc.below, enc.inputs), idx, batch,
+                                               groups, base.mesh, base.axis_name)
+      both = enc._replace(h=h, below=tuple(below), inputs=inputs_rows)
       out, state = apply.run_head(both, prepared.key, layout.spec(spec), within=ctx)
       out_m, out_c = layout.split(out)
       out_dot = None
